@@ -1,0 +1,1 @@
+"""kosmos-annotate: Kosmos-2 grounded captions for image datasets, on OpenVINO."""

@@ -1,0 +1,401 @@
+"""Hugging Face Kosmos-2 checkpoint -> three OpenVINO graphs, the processor and a manifest.
+
+The graphs each do all of their own math, so the run needs neither torch nor transformers' model code:
+  image_encoder   pixel_values[B,3,224,224] -> image embeddings[B,64,D]
+                  (vision tower, post_layernorm, L2 normalisation, image-to-text projection)
+  token_embedder  input_ids[B,T] -> token embeddings[B,T,D]  (unscaled, as `embed_tokens` gives them)
+  text_decoder    inputs_embeds, attention_mask, position_ids, beam_idx -> logits of the last position;
+                  stateful: the KV cache lives in the infer request, `beam_idx` reorders or drops its rows.
+An export is written to a temporary folder and renamed into place, with `manifest.json` written last,
+so a folder with a complete manifest is a complete export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+GRAPHS = ("image_encoder", "token_embedder", "text_decoder")
+
+
+def default_export_dir(cfg: ModelConfig) -> Path:
+    """Per-user cache folder keyed by source, revision and weight format."""
+    root = Path(os.environ.get("KOSMOS_ANNOTATE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos-annotate")
+    source = cfg.source
+    if Path(source).is_dir():
+        source = str(Path(source).resolve())
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.strip("/"))[-80:]
+    key = hashlib.sha256(f"{source}@{cfg.revision}".encode()).hexdigest()[:8]
+    return root / f"{slug}-{key}-{cfg.weight_format}"
+
+
+def export_dir(cfg: ModelConfig) -> Path:
+    return Path(cfg.dir).expanduser() if cfg.dir else default_export_dir(cfg)
+
+
+def _source_fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies the checkpoint: for a local folder, the config's hash and the weight files' stats."""
+    source = Path(cfg.source).expanduser()
+    if not source.is_dir():
+        return {"source": cfg.source, "revision": cfg.revision}
+    config = source / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"model.source={cfg.source!r} is a folder without config.json: not a save_pretrained checkpoint")
+    weights = sorted(p for p in source.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {
+        "source": str(source.resolve()),
+        "revision": cfg.revision,
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+        "weights": {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in weights},
+    }
+
+
+def _wanted(cfg: ModelConfig) -> dict:
+    return {"format_version": FORMAT_VERSION, "weight_format": cfg.weight_format, **_source_fingerprint(cfg)}
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stale_reason(cfg: ModelConfig, path: Path) -> str | None:
+    """None if `path` holds a complete export matching `cfg`; otherwise why not."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        return "no export" if not path.exists() else "no complete manifest (a half-written export?)"
+    for key, value in _wanted(cfg).items():
+        if manifest.get("key", {}).get(key) != value:
+            return f"{key} changed ({manifest.get('key', {}).get(key)!r} -> {value!r})"
+    for name, size in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is missing or truncated"
+    return None
+
+
+def ensure_export(cfg: ModelConfig) -> Path:
+    """Export unless `model.dir` already holds a matching export; returns the folder."""
+    cfg.validate()
+    path = export_dir(cfg)
+    reason = stale_reason(cfg, path)
+    if reason is None:
+        log.info("Using the export in %s", path)
+        return path
+    log.info("Exporting %s (%s) to %s: %s", cfg.source, cfg.weight_format, path, reason)
+    _export(cfg, path)
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(cfg: ModelConfig):
+    """The transformers model (fp32, eval) and processor, from the hub or a local folder."""
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+
+    kwargs = {"revision": cfg.revision} if cfg.revision else {}
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.source, **kwargs)
+        model = Kosmos2ForConditionalGeneration.from_pretrained(
+            cfg.source, dtype="float32", use_safetensors=True, attn_implementation="eager", **kwargs
+        )
+    except OSError as e:
+        local = Path(cfg.source).expanduser().is_dir()
+        hint = (
+            "check that the folder holds a save_pretrained checkpoint (config.json, model.safetensors, processor files)"
+            if local
+            else "if this machine is offline, download the checkpoint elsewhere (save_pretrained) and set "
+            "model.source=/path/to/that/folder"
+        )
+        raise ConfigError(f"cannot load model.source={cfg.source!r}: {str(e).splitlines()[0]}; {hint}") from None
+    return model.eval(), processor
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def _torch_modules(model):
+    """The three torch wrappers whose forward is exactly what each graph computes."""
+    import torch
+    import torch.nn.functional as F
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            # get_image_features: vision tower, post_layernorm, normalize, projection. Only the embeddings
+            # are returned (the projection's attention weights would be None under sdpa).
+            return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
+
+    class TokenEmbedder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = model.get_input_embeddings()
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    text = model.text_model.model
+
+    class TextDecoder(torch.nn.Module):
+        """Kosmos-2's text transformer with flat per-layer key/value tensors instead of a Cache object.
+
+        Position ids come in from the caller, who counts real tokens only, so left padding changes
+        nothing. A query may always attend to itself: a padding row is then never fully masked (no NaN
+        that could leak into the cache), and real rows give padding keys exactly zero weight.
+        """
+
+        def __init__(self):
+            super().__init__()
+            self.text = text
+            self.lm_head = model.text_model.lm_head
+            self.register_buffer("positions", text.embed_positions.weights.clone(), persistent=False)
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+            batch, length, width = inputs_embeds.shape
+            hidden = inputs_embeds * self.text.embed_scale + self.positions[position_ids]
+            total = attention_mask.shape[1]
+            query_pos = torch.arange(length, device=hidden.device).unsqueeze(1) + (total - length)
+            key_pos = torch.arange(total, device=hidden.device).unsqueeze(0)
+            allowed = (key_pos <= query_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+            allowed = allowed | (key_pos == query_pos).unsqueeze(0)
+            bias = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+            bias = bias.unsqueeze(1)
+            present = []
+            for i, layer in enumerate(self.text.layers):
+                attn = layer.self_attn
+                x = layer.self_attn_layer_norm(hidden)
+                heads = (batch, length, attn.num_heads, attn.head_dim)
+                q = attn.q_proj(x).view(heads).transpose(1, 2)
+                k = torch.cat([past[2 * i], attn.k_proj(x).view(heads).transpose(1, 2)], dim=2)
+                v = torch.cat([past[2 * i + 1], attn.v_proj(x).view(heads).transpose(1, 2)], dim=2)
+                present += [k, v]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)
+                out = attn.out_proj(attn.inner_attn_ln(out.transpose(1, 2).reshape(batch, length, width)))
+                hidden = hidden + out
+                hidden = hidden + layer.ffn(layer.final_layer_norm(hidden))
+            logits = self.lm_head(self.text.layer_norm(hidden[:, -1, :]))
+            return (logits, *present)
+
+    return ImageEncoder().eval(), TokenEmbedder().eval(), TextDecoder().eval()
+
+
+def convert(model) -> dict:
+    """Trace the three wrappers into OpenVINO models (fp32)."""
+    import openvino as ov
+    import torch
+
+    image_encoder, token_embedder, text_decoder = _torch_modules(model)
+    cfg = model.config
+    size = cfg.vision_config.image_size
+    width = cfg.text_config.embed_dim
+    heads = cfg.text_config.attention_heads
+    layers = cfg.text_config.layers
+
+    with torch.no_grad():
+        ov_image = ov.convert_model(
+            image_encoder,
+            example_input=torch.zeros(2, 3, size, size),
+            input=[("pixel_values", ov.PartialShape([-1, 3, size, size]), ov.Type.f32)],
+        )
+        ov_embed = ov.convert_model(
+            token_embedder,
+            example_input=torch.ones(2, 3, dtype=torch.int64),
+            input=[("input_ids", ov.PartialShape([-1, -1]), ov.Type.i64)],
+        )
+        # Trace with a multi-token input and a non-empty cache, so one graph serves prefill and decode.
+        batch, length, past_len = 2, 3, 2
+        kv = torch.zeros(batch, heads, past_len, width // heads)
+        example = (
+            torch.zeros(batch, length, width),
+            torch.ones(batch, past_len + length, dtype=torch.int64),
+            torch.arange(length, dtype=torch.int64).expand(batch, length) + 2,
+            *[kv] * (2 * layers),
+        )
+        names = ["inputs_embeds", "attention_mask", "position_ids"]
+        shapes = [([-1, -1, width], ov.Type.f32), ([-1, -1], ov.Type.i64), ([-1, -1], ov.Type.i64)]
+        for i in range(layers):
+            names += [f"past.{i}.key", f"past.{i}.value"]
+            shapes += [([-1, heads, -1, width // heads], ov.Type.f32)] * 2
+        ov_decoder = ov.convert_model(
+            text_decoder, example_input=example, input=[(ov.PartialShape(s), t) for s, t in shapes]
+        )
+        for port, name in zip(ov_decoder.inputs, names):
+            port.get_tensor().set_names({name})
+
+    ov_image.outputs[0].get_tensor().set_names({"image_embeds"})
+    ov_embed.outputs[0].get_tensor().set_names({"inputs_embeds"})
+    ov_decoder.outputs[0].get_tensor().set_names({"logits"})
+    for i in range(layers):
+        ov_decoder.outputs[1 + 2 * i].get_tensor().set_names({f"present.{i}.key"})
+        ov_decoder.outputs[2 + 2 * i].get_tensor().set_names({f"present.{i}.value"})
+    make_stateful(ov_decoder, layers)
+    return {"image_encoder": ov_image, "token_embedder": ov_embed, "text_decoder": ov_decoder}
+
+
+def make_stateful(ov_model, layers: int) -> None:
+    """Move the KV cache into the infer request's state, reordered by a new `beam_idx` input.
+
+    Each cache input first passes through Gather(beam_idx) on the batch axis, so the runtime can drop
+    finished rows; each state starts from zeros whose batch comes from `inputs_embeds` (a ReadValue
+    without an initializer does not compile on CPU).
+    """
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    beam_idx = ops.parameter(ov.PartialShape([-1]), ov.Type.i32, name="beam_idx")
+    beam_idx.output(0).get_tensor().set_names({"beam_idx"})
+    ov_model.add_parameters([beam_idx])
+    pairs = {}
+    for i in range(layers):
+        for part in ("key", "value"):
+            port = ov_model.input(f"past.{i}.{part}")
+            consumers = port.get_target_inputs()
+            gathered = ops.gather(port, beam_idx, ops.constant(np.int64(0)))
+            for consumer in consumers:
+                consumer.replace_source_output(gathered.output(0))
+            pairs[f"past.{i}.{part}"] = f"present.{i}.{part}"
+    ov_model.validate_nodes_and_infer_types()
+    apply_make_stateful_transformation(ov_model, pairs)
+
+    embeds = ov_model.input("inputs_embeds")
+    batch = ops.gather(ops.shape_of(embeds, output_type="i64"), ops.constant(np.array([0])), ops.constant(np.int64(0)))
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            shape = op.get_output_partial_shape(0)
+            dims = [batch] + [ops.constant(np.array([d.get_length() if d.is_static else 0])) for d in list(shape)[1:]]
+            zeros = ops.broadcast(ops.constant(np.float32(0)), ops.concat(dims, axis=0))
+            op.set_arguments([zeros])
+    ov_model.validate_nodes_and_infer_types()
+
+
+def compress(models: dict, weight_format: str) -> dict:
+    """NNCF weight compression. int4 applies to the decoder only; the rest stays int8 (as optimum does
+    for embeddings and heads), since the vision tower is small and sensitive."""
+    if weight_format in ("fp32", "fp16"):
+        return models
+    import nncf
+
+    int8 = nncf.CompressWeightsMode.INT8_ASYM
+    out = {}
+    for name, ov_model in models.items():
+        if weight_format == "int4" and name == "text_decoder":
+            out[name] = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0)
+        else:
+            out[name] = nncf.compress_weights(ov_model, mode=int8)
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("transformers", "openvino", "nncf", "torch"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _export(cfg: ModelConfig, path: Path) -> None:
+    import openvino as ov
+
+    started = time.perf_counter()
+    model, processor = load_checkpoint(cfg)
+    if model.config.latent_query_num != 64:
+        raise ConfigError(f"model.source={cfg.source!r} has latent_query_num={model.config.latent_query_num}; Kosmos-2 uses 64")
+    models = compress(convert(model), cfg.weight_format)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign_folder(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for name, ov_model in models.items():
+            ov.save_model(ov_model, tmp / f"{name}.xml", compress_to_fp16=cfg.weight_format == "fp16")
+        processor.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        manifest = {
+            "key": _wanted(cfg),
+            "resolved_commit": getattr(model.config, "_commit_hash", None),
+            "versions": _versions(),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "export_seconds": round(time.perf_counter() - started, 1),
+            "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Exported to %s in %.1f s", path, time.perf_counter() - started)
+
+
+def _refuse_foreign_folder(path: Path) -> None:
+    """Never replace a folder that is not ours: it must be absent, empty, or hold our files."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    ours = (path / MANIFEST).exists() or any((path / f"{g}.xml").exists() for g in GRAPHS)
+    if not ours:
+        raise ConfigError(f"model.dir={str(path)!r} holds other files and is not a kosmos-annotate export; choose an empty or new folder")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename the finished export into place; an older export is moved aside first, then removed."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from pipeline.config import AppConfig
+
+    @hydra.main(config_path="../conf", config_name="config", version_base=None)
+    def _app(dict_cfg) -> None:
+        cfg: AppConfig = OmegaConf.to_object(dict_cfg)
+        try:
+            path = ensure_export(cfg.model)
+        except ConfigError as e:
+            log.error("%s", e)
+            sys.exit(2)
+        print(f"Export ready: {path}")
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Kosmos-2 checkpoints built offline: a tokenizer, a processor and tiny (or full-size) models.
+
+Nothing here downloads. The tokenizer is a Unigram vocabulary made from a word list, so it is the
+same on every machine; the processor is the real `Kosmos2Processor` around it.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+WORDS = (
+    "An an image of a the cat dog snowman fire person man woman sitting standing on in by with and "
+    "warming himself mat table red green blue yellow square circle picture photo small big next to "
+    "near under rocket sky coffee cup astronaut camera field stars describe this detail"
+).split()
+
+
+def make_tokenizer(vocab_size: int | None = None):
+    """An XLM-R (Unigram) tokenizer: specials, whole words, single characters and filler pieces.
+
+    Ids 4.. are plain pieces, so the 64 image placeholders (`unk_token_id + 1 …`) never collide with the
+    tag tokens the processor adds after the vocabulary. `vocab_size` pads the base vocabulary with
+    synthetic pieces (the real model has 64007 before the processor's 1030 added tokens).
+    """
+    from transformers import XLMRobertaTokenizer
+
+    pieces = [f"▁{w}" for w in WORDS]
+    pieces += [c for c in string.ascii_letters + string.digits + string.punctuation] + ["▁"]
+    pieces += [f"▁{c}" for c in string.ascii_lowercase]
+    base = 5 + len(pieces)
+    target = max(vocab_size or 0, base + 40)
+    pieces += [f"▁zz{i:05d}" for i in range(target - base)]
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(p, -float(len(p)) if len(p) > 1 else -20.0) for p in pieces]
+    vocab += [("<mask>", 0.0)]
+    return XLMRobertaTokenizer(vocab=vocab)
+
+
+def make_processor(vocab_size: int | None = None):
+    from transformers import CLIPImageProcessor, Kosmos2Processor
+
+    image_processor = CLIPImageProcessor(
+        size={"height": 224, "width": 224},
+        do_center_crop=False,
+        resample=3,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return Kosmos2Processor(image_processor, make_tokenizer(vocab_size))
+
+
+def tiny_config(vocab_size: int, width: int = 64, layers: int = 2, heads: int = 4):
+    from transformers import Kosmos2Config
+
+    return Kosmos2Config(
+        text_config=dict(
+            vocab_size=vocab_size,
+            embed_dim=width,
+            layers=layers,
+            ffn_dim=2 * width,
+            attention_heads=heads,
+            max_position_embeddings=512,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=14,
+        ),
+        latent_query_num=64,
+    )
+
+
+def make_model(config, seed: int = 0):
+    import torch
+    from transformers import Kosmos2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return Kosmos2ForConditionalGeneration(config).eval()
+
+
+def save_checkpoint(model, processor, folder: Path) -> Path:
+    """A folder exactly as `save_pretrained` writes one, which `model.source` accepts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
