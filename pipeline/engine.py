@@ -109,43 +109,17 @@ class Engine:
             self._slots.put(slot)
 
     def _generate(self, slot: _Slot, batch: list[Request]) -> list[Generation]:
-        model, cfg = self.model, self.cfg
-        pad, eos = model.pad_token_id, model.eos_token_id
-        prompts = [model.encode_prompt(r.prompt) for r in batch]
-        rows, length = len(batch), max(len(p.input_ids) for p in prompts)
-
-        # Left-pad the prompts into one batch.
-        input_ids = np.full((rows, length), pad, dtype=np.int64)
-        attention = np.zeros((rows, length), dtype=np.int64)
-        image_mask = np.zeros((rows, length), dtype=bool)
-        for i, p in enumerate(prompts):
-            n = len(p.input_ids)
-            input_ids[i, length - n :] = p.input_ids
-            attention[i, length - n :] = 1
-            image_mask[i, length - n :] = p.image_mask
-
-        slot.image_encoder.infer({0: np.stack([r.pixel_values for r in batch]).astype(np.float32, copy=False)})
-        image_embeds = slot.image_encoder.get_output_tensor(0).data
-        embeds = slot.embed(input_ids)
-        embeds[image_mask] = image_embeds.reshape(-1, embeds.shape[-1])
-
-        # Kosmos-2 positions: padding_idx + running count of non-pad tokens; pads sit at padding_idx.
-        counted = (attention == 1) & (input_ids != pad)
-        positions = np.where(counted, pad + np.cumsum(counted, axis=1), pad)
-        cache_len = attention.sum(axis=1)  # real tokens in each row's cache, as transformers counts them
-
-        slot.text_decoder.reset_state()
-        logits = slot.decode(embeds, attention, positions, np.arange(rows))
-
-        results = [Generation(tag=r.tag, prompt_ids=p.input_ids) for r, p in zip(batch, prompts)]
-        active = np.arange(rows)  # batch row of each row in the decoder's state
+        cfg, eos = self.cfg, self.model.eos_token_id
+        seqs = Sequences(self.model, slot, batch)
+        results = [Generation(tag=r.tag, prompt_ids=ids) for r, ids in zip(batch, seqs.prompt_ids)]
+        logits = seqs.prefill()
         for step in range(cfg.max_new_tokens):
             if step < cfg.min_new_tokens:
                 logits = logits.copy()
                 logits[:, eos] = -np.inf
             tokens = logits.argmax(axis=-1)
             keep = []
-            for j, (row, token) in enumerate(zip(active, tokens)):
+            for j, (row, token) in enumerate(zip(seqs.rows, tokens)):
                 if token == eos:
                     results[row].stopped_by_eos = True
                     continue
@@ -154,10 +128,54 @@ class Engine:
                     keep.append(j)
             if not keep:
                 break
-            keep = np.asarray(keep)
-            active, tokens = active[keep], tokens[keep]
-            attention = np.concatenate([attention[keep], np.ones((len(keep), 1), dtype=np.int64)], axis=1)
-            step_positions = np.where(tokens == pad, pad, pad + 1 + cache_len[active])[:, None]
-            cache_len[active] += 1
-            logits = slot.decode(slot.embed(tokens[:, None]), attention, step_positions, keep)
+            logits = seqs.step(np.asarray(keep), tokens[keep])
         return results
+
+
+class Sequences:
+    """One batch's decoder state on one slot: attention mask, positions, rows still in the KV cache.
+
+    `prefill()` runs the prompts; each `step(keep, tokens)` keeps the listed rows (indices into the
+    current rows; the others leave the cache through `beam_idx`) and feeds them one token each. Both
+    return a view of the last-position logits, one row per current row.
+    """
+
+    def __init__(self, model: KosmosModel, slot: _Slot, batch: list[Request]):
+        self.model, self.slot, self.batch = model, slot, batch
+        prompts = [model.encode_prompt(r.prompt) for r in batch]
+        self.prompt_ids = [p.input_ids for p in prompts]
+        rows, length = len(batch), max(len(p.input_ids) for p in prompts)
+        pad = model.pad_token_id
+        # Left-pad the prompts into one batch.
+        self.input_ids = np.full((rows, length), pad, dtype=np.int64)
+        self.attention = np.zeros((rows, length), dtype=np.int64)
+        self.image_mask = np.zeros((rows, length), dtype=bool)
+        for i, p in enumerate(prompts):
+            n = len(p.input_ids)
+            self.input_ids[i, length - n :] = p.input_ids
+            self.attention[i, length - n :] = 1
+            self.image_mask[i, length - n :] = p.image_mask
+        self.rows = np.arange(rows)  # batch row of each row in the decoder's state
+        self.cache_len = self.attention.sum(axis=1)  # tokens in each row's cache, as transformers counts them
+
+    def prefill(self) -> np.ndarray:
+        slot, pad = self.slot, self.model.pad_token_id
+        pixels = np.stack([r.pixel_values for r in self.batch]).astype(np.float32, copy=False)
+        slot.image_encoder.infer({0: pixels})
+        image_embeds = slot.image_encoder.get_output_tensor(0).data
+        embeds = slot.embed(self.input_ids)
+        embeds[self.image_mask] = image_embeds.reshape(-1, embeds.shape[-1])
+        # Kosmos-2 positions: padding_idx + running count of non-pad tokens; pads sit at padding_idx.
+        counted = (self.attention == 1) & (self.input_ids != pad)
+        positions = np.where(counted, pad + np.cumsum(counted, axis=1), pad)
+        slot.text_decoder.reset_state()
+        return slot.decode(embeds, self.attention, positions, self.rows)
+
+    def step(self, keep: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        pad = self.model.pad_token_id
+        self.rows = self.rows[keep]
+        self.attention = np.concatenate([self.attention[keep], np.ones((len(keep), 1), np.int64)], axis=1)
+        # transformers' decode-step position: padding_idx + 1 + tokens already cached (pad ids sit at padding_idx).
+        positions = np.where(tokens == pad, pad, pad + 1 + self.cache_len[self.rows])[:, None]
+        self.cache_len[self.rows] += 1
+        return self.slot.decode(self.slot.embed(tokens[:, None].astype(np.int64)), self.attention, positions, keep)

@@ -85,6 +85,26 @@ def make_model(config, seed: int = 0):
     return Kosmos2ForConditionalGeneration(config).eval()
 
 
+def make_random_model(vocab_size: int, seed: int = 1, scale: float = 2.0):
+    """A random tiny model whose greedy text varies from token to token.
+
+    With the default init and tied embeddings, the current token dominates the logits and greedy
+    decoding repeats one token forever, which would make parity tests nearly vacuous. Untied heads
+    and weights of std `scale / sqrt(fan_in)` give varied text.
+    """
+    import torch
+
+    config = tiny_config(vocab_size)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    model = make_model(config, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * scale / weight.shape[-1] ** 0.5)
+    return model
+
+
 def save_checkpoint(model, processor, folder: Path) -> Path:
     """A folder exactly as `save_pretrained` writes one, which `model.source` accepts."""
     folder.mkdir(parents=True, exist_ok=True)
