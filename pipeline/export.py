@@ -296,14 +296,18 @@ def compress(models: dict, weight_format: str) -> dict:
     if weight_format in ("fp32", "fp16"):
         return models
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
 
-    int8 = nncf.CompressWeightsMode.INT8_ASYM
+    # Layers narrower than a group (only in tiny test models) get a smaller group instead of an error.
+    adjust = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
     out = {}
     for name, ov_model in models.items():
         if weight_format == "int4" and name == "text_decoder":
-            out[name] = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0)
+            out[name] = nncf.compress_weights(
+                ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0, advanced_parameters=adjust
+            )
         else:
-            out[name] = nncf.compress_weights(ov_model, mode=int8)
+            out[name] = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     return out
 
 

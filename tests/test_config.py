@@ -1,0 +1,62 @@
+"""Every config group composes into the typed schema; typos and bad values fail early, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from pipeline.config import AppConfig, ConfigError, EngineConfig, ModelConfig
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def load(*overrides: str) -> AppConfig:
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def test_defaults():
+    cfg = load()
+    assert isinstance(cfg, AppConfig)
+    assert cfg.model == ModelConfig()
+    assert cfg.engine == EngineConfig()
+    assert cfg.prompt == "<grounding>An image of"
+    assert cfg.engine.max_new_tokens == 128 and cfg.engine.num_requests == 0
+
+
+def test_every_group_option_composes():
+    for group in ("model", "engine"):
+        for option in sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml")):
+            load(f"{group}={option}")
+
+
+def test_overrides_are_typed():
+    cfg = load("engine.batch_size=4", "model.weight_format=int4", "prompt='<grounding>A photo of'")
+    assert cfg.engine.batch_size == 4 and cfg.model.weight_format == "int4"
+    assert cfg.prompt == "<grounding>A photo of"
+    with pytest.raises(ConfigCompositionException, match="engine.batch_size"):
+        load("engine.batch_size=four")
+
+
+def test_misspelt_key_fails_with_its_name():
+    with pytest.raises(ConfigCompositionException, match="weigth_format"):
+        load("model.weigth_format=int8")
+
+
+@pytest.mark.parametrize(
+    "cfg, key",
+    [
+        (ModelConfig(weight_format="int3"), "model.weight_format"),
+        (EngineConfig(precision="fp8"), "engine.precision"),
+        (EngineConfig(max_new_tokens=0), "engine.max_new_tokens"),
+        (EngineConfig(min_new_tokens=200), "engine.min_new_tokens"),
+        (EngineConfig(batch_size=-1), "engine.batch_size"),
+    ],
+)
+def test_bad_values_name_their_key(cfg, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg.validate()

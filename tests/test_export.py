@@ -1,0 +1,164 @@
+"""Export: graphs, manifest, idempotence, staleness, weight compression, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from pipeline import export
+from pipeline.config import ConfigError, EngineConfig, ModelConfig
+from pipeline.engine import Engine, Request
+from pipeline.model import KosmosModel
+from tests.conftest import EXAMPLES, PROMPT, TRAINED_CAPTIONS, load_rgb, pixel_values
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_export_holds_three_graphs_processor_and_manifest(random_export):
+    names = {p.name for p in random_export.iterdir()}
+    assert {"image_encoder.xml", "token_embedder.xml", "text_decoder.xml", "manifest.json", "config.json"} <= names
+    assert {"tokenizer.json", "processor_config.json"} <= names
+    manifest = json.loads((random_export / "manifest.json").read_text())
+    assert manifest["key"]["weight_format"] == "fp32"
+    assert len(manifest["key"]["config_sha256"]) == 64
+    assert set(manifest["versions"]) >= {"transformers", "openvino", "nncf"}
+    assert all((random_export / f).stat().st_size == size for f, size in manifest["files"].items())
+
+
+def test_decoder_is_stateful_with_beam_idx_and_last_position_logits(random_export):
+    decoder = ov.Core().read_model(random_export / "text_decoder.xml")
+    inputs = {p.get_any_name() for p in decoder.inputs}
+    assert inputs == {"inputs_embeds", "attention_mask", "position_ids", "beam_idx"}
+    assert [p.get_any_name() for p in decoder.outputs] == ["logits"]
+    assert decoder.outputs[0].get_partial_shape().rank.get_length() == 2  # [batch, vocab]: last position only
+    assert len(decoder.get_sinks()) == 2 * 2  # key and value of each of the 2 layers
+    encoder = ov.Core().read_model(random_export / "image_encoder.xml")
+    assert list(encoder.outputs[0].get_partial_shape())[1:] == [64, 64]  # 64 latent queries, embed_dim 64
+
+
+def test_second_export_does_nothing(random_checkpoint, random_export, monkeypatch):
+    monkeypatch.setattr(export, "_export", lambda *a: pytest.fail("re-exported an up-to-date export"))
+    cfg = ModelConfig(source=str(random_checkpoint), dir=str(random_export), weight_format="fp32")
+    assert export.ensure_export(cfg) == random_export
+
+
+def copy_export(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_cache"))
+    return dst
+
+
+def test_stale_exports_are_detected(random_checkpoint, random_export, tmp_path):
+    cfg = ModelConfig(source=str(random_checkpoint), dir=str(random_export), weight_format="fp32")
+    assert export.stale_reason(cfg, random_export) is None
+    assert "weight_format" in export.stale_reason(ModelConfig(**{**vars(cfg), "weight_format": "int8"}), random_export)
+    assert export.stale_reason(cfg, tmp_path / "absent") == "no export"
+
+    half = copy_export(random_export, tmp_path / "half")
+    (half / "manifest.json").unlink()
+    assert "half-written" in export.stale_reason(cfg, half)
+
+    truncated = copy_export(random_export, tmp_path / "truncated")
+    with open(truncated / "text_decoder.bin", "r+b") as f:
+        f.truncate(100)
+    assert "text_decoder.bin" in export.stale_reason(cfg, truncated)
+
+    checkpoint = copy_export(random_checkpoint, tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"]["layer_norm_eps"] = 1e-6
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    moved = ModelConfig(source=str(checkpoint), dir=str(random_export), weight_format="fp32")
+    assert "config_sha256" in export.stale_reason(moved, random_export) or "source" in export.stale_reason(moved, random_export)
+
+
+def test_half_written_export_is_redone(random_checkpoint, random_export, tmp_path):
+    target = copy_export(random_export, tmp_path / "model")
+    (target / "manifest.json").unlink()
+    (target / "text_decoder.bin").write_bytes(b"garbage")
+    cfg = ModelConfig(source=str(random_checkpoint), dir=str(target), weight_format="fp32")
+    assert export.ensure_export(cfg) == target
+    assert export.stale_reason(cfg, target) is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_changed_weight_format_re_exports_in_place(random_checkpoint, random_export, tmp_path):
+    target = copy_export(random_export, tmp_path / "model")
+    cfg = ModelConfig(source=str(random_checkpoint), dir=str(target), weight_format="fp16")
+    export.ensure_export(cfg)
+    assert json.loads((target / "manifest.json").read_text())["key"]["weight_format"] == "fp16"
+    assert (target / "text_decoder.bin").stat().st_size < (random_export / "text_decoder.bin").stat().st_size
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_export(random_checkpoint, tmp_path):
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match="not a kosmos-annotate export"):
+        export.ensure_export(ModelConfig(source=str(random_checkpoint), dir=str(target), weight_format="fp32"))
+    assert (target / "holiday.jpg").read_bytes() == b"not ours"
+
+
+def test_default_dir_is_a_per_user_cache_keyed_by_source_and_format(monkeypatch, tmp_path):
+    monkeypatch.setenv("KOSMOS_ANNOTATE_CACHE", str(tmp_path))
+    a = export.export_dir(ModelConfig(source="microsoft/kosmos-2-patch14-224", weight_format="int8"))
+    b = export.export_dir(ModelConfig(source="microsoft/kosmos-2-patch14-224", weight_format="int4"))
+    c = export.export_dir(ModelConfig(source="someone/kosmos-2-finetuned", weight_format="int8"))
+    assert a.parent == tmp_path and len({a, b, c}) == 3
+    assert a.name.startswith("microsoft--kosmos-2-patch14-224-") and a.name.endswith("-int8")
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_compressed_exports_load_and_generate(trained_checkpoint, trained_export, tmp_path, weight_format, processor):
+    """No parity claim for compressed weights; they must run, and we report how often they agree."""
+    path = export.ensure_export(
+        ModelConfig(source=str(trained_checkpoint), dir=str(tmp_path / weight_format), weight_format=weight_format)
+    )
+    assert (path / "text_decoder.bin").stat().st_size < (trained_export / "text_decoder.bin").stat().st_size
+    cfg = EngineConfig(precision="f32", max_new_tokens=40)
+    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
+    ref = {o.tag: o.token_ids for o in Engine(KosmosModel(trained_export, cfg), cfg).generate(reqs)}
+    got = {o.tag: o.token_ids for o in Engine(KosmosModel(path, cfg), cfg).generate(reqs)}
+    assert all(len(t) > 0 for t in got.values())
+    agree = np.mean([a == b for n in ref for a, b in zip(ref[n], got[n])])
+    print(f"{weight_format}: {agree:.0%} of tokens agree with fp32")
+
+
+def run_export_command(*overrides: str, env_extra: dict | None = None, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.export", *overrides], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def test_export_command_on_a_checkpoint_folder(random_checkpoint, tmp_path):
+    out = tmp_path / "exported"
+    proc = run_export_command(f"model.source={random_checkpoint}", f"model.dir={out}", "model.weight_format=fp32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"Export ready: {out}" in proc.stdout
+    assert export.read_manifest(out)["key"]["source"] == str(random_checkpoint.resolve())
+
+
+def test_export_command_offline_hub_id_says_what_to_do(tmp_path):
+    proc = run_export_command(
+        "model.source=microsoft/kosmos-2-patch14-224",
+        f"model.dir={tmp_path / 'm'}",
+        env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "model.source=/path/to/that/folder" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_command_rejects_a_bad_weight_format(tmp_path):
+    proc = run_export_command("model.weight_format=int3", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "model.weight_format='int3'" in proc.stderr + proc.stdout
