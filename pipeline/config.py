@@ -64,11 +64,77 @@ class EngineConfig:
             )
 
 
+IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
+INPUT_KINDS = ("folder", "parquet")
+
+
+@dataclass
+class InputConfig:
+    kind: str = "folder"  # folder | parquet (set by the input group)
+    # A folder of images, or a parquet file / folder of parquet files / glob.
+    path: str | None = None
+    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    # parquet only: a column of paths, of bytes, or of {bytes, path} structs (Hugging Face datasets).
+    image_column: str = "image"
+    id_column: str | None = None  # default: the path, else the row number
+    prompt_column: str | None = None  # a per-row prompt; null or empty cells take `prompt`
+    keep_columns: list[str] = field(default_factory=list)
+    limit: int | None = None  # only the first N items
+    # Images larger than this are refused before they are decoded (decompression bombs).
+    max_image_pixels: int = 100_000_000
+    decode_threads: int = 0  # 0 = derived from the core count
+
+    def validate(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise ConfigError(f"input.kind={self.kind!r} is not one of {', '.join(INPUT_KINDS)}")
+        if not self.path:
+            example = "photos/" if self.kind == "folder" else "manifest.parquet"
+            raise ConfigError(f"input.path is not set: say what to annotate, e.g. input.path={example}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"input.limit={self.limit} must be >= 0")
+        if self.kind == "folder" and self.keep_columns:
+            raise ConfigError("input.keep_columns applies to parquet manifests only (input=parquet)")
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None  # default: the Hydra run folder under outputs/
+    rows_per_file: int = 1000  # a part file is committed after this many rows...
+    flush_seconds: float = 300.0  # ...or this long after its first row, whichever comes first
+    compression: str = "zstd"
+
+    def validate(self) -> None:
+        if self.rows_per_file < 1:
+            raise ConfigError(f"output.rows_per_file={self.rows_per_file} must be >= 1")
+        if self.flush_seconds <= 0:
+            raise ConfigError(f"output.flush_seconds={self.flush_seconds} must be > 0")
+
+
+@dataclass
+class PreviewConfig:
+    enabled: bool = False
+    max_side: int = 768  # longest side of a preview, in pixels
+    quality: int = 90  # JPEG quality
+
+    def validate(self) -> None:
+        if self.max_side < 16:
+            raise ConfigError(f"preview.max_side={self.max_side} must be >= 16")
+
+
 @dataclass
 class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     prompt: str = "<grounding>An image of"
+
+    def validate(self) -> None:
+        for part in (self.model, self.engine, self.input, self.output, self.preview):
+            part.validate()
+        if not self.prompt.strip():
+            raise ConfigError("prompt is empty")
 
 
 def register() -> None:

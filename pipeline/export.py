@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from pipeline.config import ConfigError, ModelConfig
@@ -98,7 +99,10 @@ def ensure_export(cfg: ModelConfig) -> Path:
     if reason is None:
         log.info("Using the export in %s", path)
         return path
-    log.info("Exporting %s (%s) to %s: %s", cfg.source, cfg.weight_format, path, reason)
+    log.info(
+        "No usable export in %s (%s): exporting %s as %s first; the real model takes about a minute",
+        path, reason, cfg.source, cfg.weight_format,
+    )
     _export(cfg, path)
     return path
 
@@ -211,7 +215,8 @@ def convert(model) -> dict:
     heads = cfg.text_config.attention_heads
     layers = cfg.text_config.layers
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about frozen Python branches, expected here
         ov_image = ov.convert_model(
             image_encoder,
             example_input=torch.zeros(2, 3, size, size),

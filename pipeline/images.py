@@ -1,0 +1,100 @@
+"""Item -> RGB image -> pixel values, run in threads ahead of the engine.
+
+Decoding follows what a user of the Kosmos-2 processor would do (EXIF orientation applied, then
+`convert("RGB")`), with a pixel-count guard checked on the header, before any pixel is allocated.
+Pixel values come from the export's own image processor, so they are the model's by construction.
+Any failure here is data: it becomes the item's error, never an exception.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.sources import Item
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Our own guard (input.max_image_pixels) runs first and says more; Pillow's would only warn or raise later.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass
+class Decoded:
+    item: Item
+    image: Image.Image | None = None  # RGB, EXIF-oriented
+    pixel_values: np.ndarray | None = None  # float32 [3, 224, 224]
+
+    @property
+    def error(self) -> str | None:
+        return self.item.error
+
+
+def open_rgb(item: Item, max_pixels: int) -> Image.Image:
+    """The item's image, EXIF-oriented, RGB; first frame of animations and multi-page files."""
+    source = io.BytesIO(item.data) if item.data is not None else item.path
+    with Image.open(source) as im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ValueError(
+                f"image is {width}x{height} = {width * height / 1e6:.0f} Mpx, over input.max_image_pixels="
+                f"{max_pixels} (raise it if the image is genuine)"
+            )
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+def decode(item: Item, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> Decoded:
+    if item.error:
+        return Decoded(item)
+    try:
+        image = open_rgb(item, max_pixels)
+        return Decoded(item, image, preprocess(image))
+    except FileNotFoundError:
+        item.error = f"file not found: {item.path}"
+    except PermissionError:
+        item.error = f"permission denied: {item.path}"
+    except Image.UnidentifiedImageError:
+        item.error = "not an image Pillow can read (unknown format or corrupt header)"
+    except Exception as e:  # truncated data, bad tables, decoder errors: all the image's fault
+        item.error = f"cannot decode image: {type(e).__name__}: {e}"
+    return Decoded(item)
+
+
+def image_preprocessor(processor) -> Callable[[Image.Image], np.ndarray]:
+    """pixel_values for one image, from the saved Kosmos-2 image processor."""
+
+    def preprocess(image: Image.Image) -> np.ndarray:
+        return processor.image_processor(image, return_tensors="np")["pixel_values"][0].astype(np.float32, copy=False)
+
+    return preprocess
+
+
+def default_threads() -> int:
+    return max(2, min(8, os.cpu_count() or 1))
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int) -> Iterator[R]:
+    """`map(fn, items)` on a thread pool, in order, with at most `ahead` results waiting."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="kosmos-decode") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

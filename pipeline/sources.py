@@ -1,0 +1,165 @@
+"""Where items come from: a folder walk or a parquet manifest, streamed one item at a time.
+
+A manifest is read in record batches, only the columns needed, so memory does not grow with its
+length. Problems with the input as a whole (missing path, missing column) raise `InputError`;
+problems with one item (a null cell) travel with the item and become that row's error.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import InputConfig
+
+
+class InputError(ValueError):
+    """The input as a whole cannot be read; the message says which input and what to do."""
+
+
+@dataclass
+class Item:
+    id: str
+    source: str  # path, or manifest location (`file.parquet#row`)
+    path: str | None = None  # image file to read...
+    data: bytes | None = None  # ...or its bytes
+    prompt: str | None = None  # per-item prompt, if the manifest gives one
+    extra: dict[str, Any] = field(default_factory=dict)  # kept columns
+    error: str | None = None  # set when the item itself is unusable (null path, ...)
+
+
+def iter_items(cfg: InputConfig) -> Iterator[Item]:
+    """All items of the input, in a stable order, at most `input.limit` of them."""
+    items = folder_items(cfg) if cfg.kind == "folder" else manifest_items(cfg)
+    return islice(items, cfg.limit) if cfg.limit is not None else items
+
+
+def check(cfg: InputConfig) -> None:
+    """Fail fast, before any model is loaded, if the input cannot be read at all."""
+    if cfg.kind == "folder":
+        root = Path(cfg.path).expanduser()
+        if not root.exists():
+            raise InputError(f"input.path={cfg.path!r} does not exist")
+        if not root.is_dir():
+            hint = " (for a manifest use input=parquet)" if root.suffix == ".parquet" else ""
+            raise InputError(f"input.path={cfg.path!r} is not a folder{hint}")
+        if next(folder_items(cfg), None) is None:
+            exts = ", ".join(cfg.extensions)
+            raise InputError(f"input.path={cfg.path!r} holds no images ({exts}); see input.extensions")
+    else:
+        files = manifest_files(cfg.path)
+        schema = _schema(files[0])
+        missing = [c for c in _wanted_columns(cfg) if c not in schema.names]
+        if missing:
+            raise InputError(
+                f"manifest {str(files[0])!r} has no column {', '.join(map(repr, missing))}; "
+                f"its columns are: {', '.join(schema.names)}"
+            )
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def folder_items(cfg: InputConfig) -> Iterator[Item]:
+    """Images under the folder, recursively, in sorted order; id = posix path relative to it."""
+    root = Path(cfg.path).expanduser()
+    exts = {e.lower().lstrip(".") for e in cfg.extensions}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or name.rsplit(".", 1)[-1].lower() not in exts:
+                continue
+            path = Path(dirpath) / name
+            yield Item(id=path.relative_to(root).as_posix(), source=str(path), path=str(path))
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def manifest_files(path: str) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
+    elif p.is_file():
+        files = [p]
+    else:
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if f.endswith(".parquet"))
+        if not files and not glob.has_magic(str(p)):
+            raise InputError(f"input.path={path!r} does not exist")
+    if not files:
+        raise InputError(f"input.path={path!r} matches no parquet files")
+    return files
+
+
+def _schema(file: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(file)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise InputError(f"cannot read manifest {str(file)!r}: {e}") from None
+
+
+def _wanted_columns(cfg: InputConfig) -> list[str]:
+    cols = [cfg.image_column, cfg.id_column, cfg.prompt_column, *cfg.keep_columns]
+    return list(dict.fromkeys(c for c in cols if c))
+
+
+def keep_schema(cfg: InputConfig) -> list:
+    """The pyarrow fields of the kept columns, as the manifest types them."""
+    if cfg.kind != "parquet" or not cfg.keep_columns:
+        return []
+    schema = _schema(manifest_files(cfg.path)[0])
+    return [schema.field(c) for c in cfg.keep_columns]
+
+
+def manifest_items(cfg: InputConfig, batch_rows: int = 1024) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    columns = _wanted_columns(cfg)
+    row = 0
+    for file in manifest_files(cfg.path):
+        base = file.parent
+        with pq.ParquetFile(file) as pf:
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise InputError(f"manifest {str(file)!r} has no column {', '.join(map(repr, missing))}")
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                data = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    yield _manifest_item(cfg, file, base, row, {c: data[c][i] for c in columns})
+                    row += 1
+
+
+def _manifest_item(cfg: InputConfig, file: Path, base: Path, row: int, values: dict) -> Item:
+    image = values[cfg.image_column]
+    path, data = None, None
+    if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
+        data, path = image.get("bytes"), image.get("path")
+    elif isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    elif isinstance(image, str):
+        path = image
+    resolved = None
+    if path and data is None:
+        resolved = str(Path(path).expanduser() if Path(path).expanduser().is_absolute() else base / path)
+    source = resolved or f"{file}#{row}"
+    item_id = values.get(cfg.id_column) if cfg.id_column else (path or str(row))
+    item = Item(
+        id=str(item_id) if item_id is not None else str(row),
+        source=source,
+        path=resolved,
+        data=data,
+        prompt=values.get(cfg.prompt_column) if cfg.prompt_column else None,
+        extra={c: values[c] for c in cfg.keep_columns},
+    )
+    if image is None or (path is None and data is None):
+        item.error = f"null in image column {cfg.image_column!r}"
+    elif cfg.id_column and values.get(cfg.id_column) is None:
+        item.error = f"null in id column {cfg.id_column!r}"
+    return item
