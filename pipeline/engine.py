@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Request:
-    pixel_values: np.ndarray  # float32 [3, H, W], as the image processor makes it
+    """One image to caption. A request without pixel values (an item that failed before the engine)
+    passes through untouched, so the caller gets exactly one Generation per Request, in order."""
+
+    pixel_values: np.ndarray | None  # float32 [3, H, W], as the image processor makes it
     prompt: str
     tag: Any = None  # carried through to the Generation untouched
 
@@ -38,7 +41,7 @@ class Request:
 @dataclass
 class Generation:
     tag: Any
-    prompt_ids: np.ndarray  # the full prompt, image placeholders included
+    prompt_ids: np.ndarray | None  # the full prompt, image placeholders included; None if passed through
     token_ids: list[int] = field(default_factory=list)  # generated, end-of-sequence excluded
     stopped_by_eos: bool = False
 
@@ -102,11 +105,15 @@ class Engine:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _run_batch(self, batch: list[Request]) -> list[Generation]:
-        slot = self._slots.get()
-        try:
-            return self._generate(slot, batch)
-        finally:
-            self._slots.put(slot)
+        work = [r for r in batch if r.pixel_values is not None]
+        done = iter(())
+        if work:
+            slot = self._slots.get()
+            try:
+                done = iter(self._generate(slot, work))
+            finally:
+                self._slots.put(slot)
+        return [next(done) if r.pixel_values is not None else Generation(r.tag, None) for r in batch]
 
     def _generate(self, slot: _Slot, batch: list[Request]) -> list[Generation]:
         cfg, eos = self.cfg, self.model.eos_token_id

@@ -31,8 +31,10 @@ Image.MAX_IMAGE_PIXELS = None
 @dataclass
 class Decoded:
     item: Item
-    image: Image.Image | None = None  # RGB, EXIF-oriented
+    image: Image.Image | None = None  # RGB, EXIF-oriented (callers may drop or shrink it)
     pixel_values: np.ndarray | None = None  # float32 [3, 224, 224]
+    width: int | None = None  # after EXIF orientation
+    height: int | None = None
 
     @property
     def error(self) -> str | None:
@@ -59,7 +61,7 @@ def decode(item: Item, preprocess: Callable[[Image.Image], np.ndarray], max_pixe
         return Decoded(item)
     try:
         image = open_rgb(item, max_pixels)
-        return Decoded(item, image, preprocess(image))
+        return Decoded(item, image, preprocess(image), *image.size)
     except FileNotFoundError:
         item.error = f"file not found: {item.path}"
     except PermissionError:

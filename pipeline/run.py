@@ -6,7 +6,6 @@ import json
 import logging
 import shutil
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,8 +81,8 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
 
 
 def _rows(cfg: AppConfig, model, engine, previews: Path) -> Iterator[dict]:
-    """One output row per input item, in input order for annotated items; failed items come out
-    as soon as they are found (they never reach the engine)."""
+    """One output row per input item, in input order; items that failed to decode pass through the
+    engine untouched."""
     from pipeline.engine import Request
     from pipeline.preview import write_preview
 
@@ -92,38 +91,28 @@ def _rows(cfg: AppConfig, model, engine, previews: Path) -> Iterator[dict]:
 
     def decode(item):
         decoded = images.decode(item, preprocess, cfg.input.max_image_pixels)
-        if decoded.image is not None:
-            width, height = decoded.image.size
-            thumb = None
-            if cfg.preview.enabled:  # keep only what the preview needs, not the full image
-                thumb = decoded.image.copy()
-                thumb.thumbnail((cfg.preview.max_side, cfg.preview.max_side))
-            decoded.image = (width, height, thumb)
+        if decoded.image is not None and cfg.preview.enabled:  # keep only what the preview needs
+            decoded.image.thumbnail((cfg.preview.max_side, cfg.preview.max_side))
+        else:
+            decoded.image = None
         return decoded
 
-    failed: deque = deque()
     ahead = engine.batch_size * (engine.num_requests + 1)
-
-    def requests():
-        for decoded in images.ordered_map(decode, sources.iter_items(cfg.input), threads, ahead):
-            item = decoded.item
-            if decoded.error:
-                failed.append(_row(item, error=decoded.error, prompt=item.prompt or cfg.prompt))
-                continue
-            yield Request(decoded.pixel_values, item.prompt or cfg.prompt, tag=(item, decoded.image))
-
-    for gen in engine.generate(requests()):
-        while failed:
-            yield failed.popleft()
-        item, (width, height, thumb) = gen.tag
+    decoded = images.ordered_map(decode, sources.iter_items(cfg.input), threads, ahead)
+    requests = (Request(d.pixel_values, d.item.prompt or cfg.prompt, tag=d) for d in decoded)
+    for gen in engine.generate(requests):
+        item = gen.tag.item
+        if gen.tag.error:  # failed before the engine: passed through, in order
+            yield _row(item, prompt=item.prompt or cfg.prompt, error=item.error)
+            continue
         caption, entities = parse(model.text_after_image(gen.prompt_ids, gen.token_ids))
-        if thumb is not None:
-            write_preview(previews, item.id, thumb, entities, cfg.preview.max_side, cfg.preview.quality)
+        if gen.tag.image is not None:
+            write_preview(previews, item.id, gen.tag.image, entities, cfg.preview.max_side, cfg.preview.quality)
         yield _row(
             item,
             prompt=item.prompt or cfg.prompt,
-            width=width,
-            height=height,
+            width=gen.tag.width,
+            height=gen.tag.height,
             caption=caption,
             entities=[
                 {"phrase": e.phrase, "start": e.start, "end": e.end, "boxes": [dict(zip("x1 y1 x2 y2".split(), b)) for b in e.boxes]}
@@ -131,8 +120,6 @@ def _rows(cfg: AppConfig, model, engine, previews: Path) -> Iterator[dict]:
             ],
             token_ids=gen.token_ids,
         )
-    while failed:
-        yield failed.popleft()
 
 
 def _row(item: sources.Item, **values) -> dict:

@@ -66,16 +66,25 @@ def check(cfg: InputConfig) -> None:
 
 
 def folder_items(cfg: InputConfig) -> Iterator[Item]:
-    """Images under the folder, recursively, in sorted order; id = posix path relative to it."""
+    """Images under the folder, recursively, sorted by path components; id = posix path relative to it.
+
+    Each folder is listed and sorted on its own (files and subfolders together), so the walk streams
+    whatever the folder's size and its order does not depend on the file system.
+    """
     root = Path(cfg.path).expanduser()
     exts = {e.lower().lstrip(".") for e in cfg.extensions}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or name.rsplit(".", 1)[-1].lower() not in exts:
-                continue
-            path = Path(dirpath) / name
-            yield Item(id=path.relative_to(root).as_posix(), source=str(path), path=str(path))
+
+    def walk(folder: Path) -> Iterator[Item]:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from walk(Path(entry.path))
+            elif entry.name.rsplit(".", 1)[-1].lower() in exts and "." in entry.name:
+                path = Path(entry.path)
+                yield Item(id=path.relative_to(root).as_posix(), source=str(path), path=str(path))
+
+    return walk(root)
 
 
 # --------------------------------------------------------------------------- manifests

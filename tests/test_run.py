@@ -1,0 +1,287 @@
+"""End-to-end annotation runs on the fixture models, through the real OpenVINO path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig, PreviewConfig
+from pipeline.run import run
+from pipeline.sink import SCHEMA
+from tests.conftest import EXAMPLES, PROMPT, TRAINED_CAPTIONS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config(checkpoint, export, input_cfg: InputConfig, out: Path, **kw) -> AppConfig:
+    return AppConfig(
+        model=ModelConfig(source=str(checkpoint), dir=str(export), weight_format="fp32"),
+        engine=EngineConfig(precision="f32", batch_size=3, num_requests=2),
+        input=input_cfg,
+        output=OutputConfig(dir=str(out), **kw.pop("output", {})),
+        preview=PreviewConfig(**kw.pop("preview", {})),
+        **kw,
+    )
+
+
+def expected(processor, name):
+    """Caption (spaces ignored: the tiny tokenizer spaces punctuation) and entities it was trained on."""
+    caption, entities = processor.post_process_generation(PROMPT + TRAINED_CAPTIONS[name])
+    return caption.replace(" ", ""), [(p, [list(b) for b in boxes]) for p, _, boxes in entities]
+
+
+def entity_view(row):
+    return [(e["phrase"], [[b["x1"], b["y1"], b["x2"], b["y2"]] for b in e["boxes"]]) for e in row["entities"]]
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    """png, jpg, grayscale, RGBA, EXIF-rotated, nested folders, upper-case extension, a non-image file."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "pets" / "indoor").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "chelsea.png", root / "pets" / "indoor" / "chelsea.png")
+    shutil.copy(EXAMPLES / "coffee.png", root / "coffee.png")
+    shutil.copy(EXAMPLES / "astronaut.png", root / "astronaut.png")
+    shutil.copy(EXAMPLES / "rocket.jpg", root / "rocket.jpg")
+    shutil.copy(EXAMPLES / "camera.png", root / "gray_camera.PNG")  # grayscale, upper-case extension
+    Image.open(EXAMPLES / "coffee.png").convert("RGBA").save(root / "pets" / "rgba.png")
+    rotated = Image.open(EXAMPLES / "rocket.jpg").convert("RGB").resize((120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    rotated.save(root / "rotated.jpg", exif=exif)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_run(trained_checkpoint, trained_export, mixed_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels")
+    cfg = config(trained_checkpoint, trained_export, InputConfig(path=str(mixed_folder)), out, preview={"enabled": True})
+    return run(cfg, out), out
+
+
+def test_folder_run_writes_one_row_per_image_with_the_contract_schema(folder_run):
+    summary, out = folder_run
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata() == SCHEMA
+    ids = table.column("id").to_pylist()
+    assert ids == sorted(ids, key=lambda i: i.split("/")) and len(ids) == 7
+    assert set(ids) == {
+        "astronaut.png", "coffee.png", "gray_camera.PNG", "pets/indoor/chelsea.png", "pets/rgba.png",
+        "rocket.jpg", "rotated.jpg",
+    }
+    assert table.column("error").null_count == 7
+    assert summary.items == 7 and summary.errors == 0
+    # Every file in the folder is either a part or starts with "_" or "." (readers skip those).
+    assert all(p.name.startswith(("part-", "_", ".")) for p in out.iterdir())
+
+
+def test_trained_entities_and_boxes_come_back(folder_run, processor):
+    _, out = folder_run
+    rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    for name, id_ in [("chelsea.png", "pets/indoor/chelsea.png"), ("coffee.png", "coffee.png"),
+                      ("astronaut.png", "astronaut.png"), ("rocket.jpg", "rocket.jpg")]:
+        row = rows[id_]
+        want_caption, want_entities = expected(processor, name)
+        assert row["caption"].replace(" ", "") == want_caption
+        assert entity_view(row) == want_entities
+        assert row["prompt"] == PROMPT
+        for e in row["entities"]:
+            assert row["caption"][e["start"] : e["end"]] == e["phrase"]
+        assert row["token_ids"] and processor.tokenizer.eos_token_id not in row["token_ids"]
+
+
+def test_sizes_are_after_exif_orientation(folder_run):
+    _, out = folder_run
+    rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (80, 120)
+    assert (rows["gray_camera.PNG"]["width"], rows["gray_camera.PNG"]["height"]) == (512, 512)
+
+
+def test_previews_and_summary(folder_run):
+    summary, out = folder_run
+    previews = sorted((out / "_previews").iterdir())
+    assert len(previews) == 7
+    assert all(Image.open(p).format == "JPEG" and max(Image.open(p).size) <= 768 for p in previews)
+    record = json.loads((out / "_summary.json").read_text())
+    assert record["items"] == 7 and record["errors"] == 0
+    assert record["entities"] == summary.entities >= 5
+    assert record["boxes"] > record["entities"] - 1 and record["generated_tokens"] > 0
+    assert record["images_per_s"] > 0 and record["weight_format"] == "fp32"
+    assert record["config"]["input"]["path"]
+
+
+def test_output_reads_as_one_table_everywhere(folder_run):
+    _, out = folder_run
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    assert len(pd.read_parquet(out)) == 7
+    assert ds.dataset(out, format="parquet").count_rows() == 7
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall() == [(7,)]
+    assert pl.read_parquet(f"{out}/*.parquet").height == 7
+
+
+def write_manifest(path: Path, table: pa.Table, **kw) -> Path:
+    pq.write_table(table, path, **kw)
+    return path
+
+
+def test_manifest_with_paths_prompts_and_kept_columns(trained_checkpoint, trained_export, tmp_path, processor):
+    (tmp_path / "imgs").mkdir()
+    for name in TRAINED_CAPTIONS:
+        shutil.copy(EXAMPLES / name, tmp_path / "imgs" / name)
+    names = list(TRAINED_CAPTIONS)
+    manifest = write_manifest(
+        tmp_path / "manifest.parquet",
+        pa.table(
+            {
+                "path": [f"imgs/{n}" for n in names] + ["imgs/missing.png"],
+                "prompt": [PROMPT, None, "", "<grounding>A photo of", None],
+                "label": [1, 2, 3, 4, 5],
+                "meta": [{"a": i} for i in range(5)],
+            }
+        ),
+    )
+    out = tmp_path / "out"
+    cfg = config(
+        trained_checkpoint, trained_export,
+        InputConfig(kind="parquet", path=str(manifest), image_column="path", prompt_column="prompt", keep_columns=["label", "meta"]),
+        out,
+    )
+    summary = run(cfg, out)
+    table = pq.read_table(out)
+    assert table.schema.field("label").type == pa.int64() and table.schema.field("meta").type == pa.struct([("a", pa.int64())])
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert set(rows) == {f"imgs/{n}" for n in names} | {"imgs/missing.png"}
+    assert rows["imgs/chelsea.png"]["source"] == str(tmp_path / "imgs" / "chelsea.png")
+    assert [rows[f"imgs/{n}"]["label"] for n in names] == [1, 2, 3, 4]
+    assert rows["imgs/missing.png"]["error"].startswith("file not found") and rows["imgs/missing.png"]["label"] == 5
+    assert rows["imgs/missing.png"]["caption"] is None and rows["imgs/missing.png"]["width"] is None
+    # Null and empty prompts fall back to `prompt`; a given one is used.
+    assert [rows[f"imgs/{n}"]["prompt"] for n in names] == [PROMPT, PROMPT, PROMPT, "<grounding>A photo of"]
+    assert rows["imgs/rocket.jpg"]["caption"].startswith("A photo of")
+    assert entity_view(rows["imgs/chelsea.png"]) == expected(processor, "chelsea.png")[1]
+    assert summary.errors == 1
+
+
+def test_manifest_with_image_bytes(trained_checkpoint, trained_export, tmp_path, processor):
+    """A binary column, and the {bytes, path} struct that Hugging Face datasets writes."""
+    names = list(TRAINED_CAPTIONS)
+    raw = [(EXAMPLES / n).read_bytes() for n in names]
+    struct = pa.array([{"bytes": b, "path": n} for b, n in zip(raw, names)], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    manifest = write_manifest(tmp_path / "hf.parquet", pa.table({"image": struct, "key": [f"k{i}" for i in range(4)]}))
+    binary = write_manifest(tmp_path / "bin.parquet", pa.table({"jpeg": pa.array(raw + [None], pa.binary())}))
+
+    out = tmp_path / "hf"
+    run(config(trained_checkpoint, trained_export, InputConfig(kind="parquet", path=str(manifest), id_column="key"), out), out)
+    rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert list(rows) == ["k0", "k1", "k2", "k3"]
+    assert rows["k0"]["source"] == f"{tmp_path / 'hf.parquet'}#0"
+    for i, n in enumerate(names):
+        assert entity_view(rows[f"k{i}"]) == expected(processor, n)[1]
+
+    out = tmp_path / "bin"
+    run(config(trained_checkpoint, trained_export, InputConfig(kind="parquet", path=str(binary), image_column="jpeg"), out), out)
+    rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert list(rows) == ["0", "1", "2", "3", "4"]  # no path: the row number
+    assert rows["4"]["error"] == "null in image column 'jpeg'"
+    assert entity_view(rows["2"]) == expected(processor, names[2])[1]
+
+
+def test_parts_are_bounded_in_rows(trained_checkpoint, trained_export, mixed_folder, tmp_path):
+    out = tmp_path / "out"
+    run(config(trained_checkpoint, trained_export, InputConfig(path=str(mixed_folder)), out, output={"rows_per_file": 3}), out)
+    parts = sorted(p.name for p in out.glob("*.parquet"))
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [pq.read_metadata(out / p).num_rows for p in parts] == [3, 3, 1]
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def annotate(*overrides: str, cwd: Path) -> tuple[subprocess.CompletedProcess, object]:
+    """Run `python -m pipeline` in a child; returns the process and the child's own resource usage."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "pipeline", *overrides]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env, cwd=cwd)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory, not the session's
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, child.returncode, out.read(), err.read()), usage
+
+
+def model_overrides(checkpoint, export) -> list[str]:
+    return [f"model.source={checkpoint}", f"model.dir={export}", "model.weight_format=fp32", "engine.precision=f32"]
+
+
+def test_command_annotates_a_folder(trained_checkpoint, trained_export, tmp_path):
+    out = tmp_path / "labels"
+    proc, _ = annotate(f"input.path={EXAMPLES}", f"output.dir={out}", *model_overrides(trained_checkpoint, trained_export), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Annotated 6 images (0 errors)" in proc.stderr + proc.stdout
+    assert pq.read_table(out).num_rows == 6
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "_summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["input.path=does/not/exist"], "input.path='does/not/exist' does not exist"),
+        (["input.path=empty"], "holds no images"),
+        (["input=parquet", "input.path=m.parquet", "input.image_column=photo"], "has no column 'photo'"),
+        (["input.path=photos", "model.source=nobody/no-such-model", "model.dir=null"], "model.source=/path/to/that/folder"),
+        (["input.path=photos", "input.limit=-1"], "input.limit=-1"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_nothing_written(tmp_path, overrides, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "photos").mkdir()
+    shutil.copy(EXAMPLES / "rocket.jpg", tmp_path / "photos" / "rocket.jpg")
+    pq.write_table(pa.table({"path": ["photos/rocket.jpg"]}), tmp_path / "m.parquet")
+    os.environ["KOSMOS_ANNOTATE_CACHE"] = str(tmp_path / "cache")
+    try:
+        proc, _ = annotate(*overrides, f"output.dir={tmp_path / 'labels'}", "hydra.run.dir=" + str(tmp_path / "hydra"), cwd=tmp_path)
+    finally:
+        del os.environ["KOSMOS_ANNOTATE_CACHE"]
+    assert proc.returncode == 2
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "labels").exists()
+
+
+def test_million_row_manifest_streams(trained_checkpoint, trained_export, tmp_path):
+    """input.limit=50 on 1,000,000 rows: the reader streams, so peak memory is that of a small manifest."""
+    paths = pa.array(np.array(["imgs/rocket.jpg", "imgs/coffee.png"])[np.arange(1_000_000) % 2])
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(EXAMPLES / "rocket.jpg", tmp_path / "imgs")
+    shutil.copy(EXAMPLES / "coffee.png", tmp_path / "imgs")
+    big = write_manifest(tmp_path / "big.parquet", pa.table({"path": paths, "n": np.arange(1_000_000)}))
+    small = write_manifest(tmp_path / "small.parquet", pa.table({"path": paths[:100], "n": np.arange(100)}))
+
+    peaks = {}
+    for name, manifest in [("small", small), ("big", big)]:
+        proc, usage = annotate(
+            "input=parquet", f"input.path={manifest}", "input.image_column=path", "input.limit=50", "input.keep_columns=[n]",
+            f"output.dir={tmp_path / name}", *model_overrides(trained_checkpoint, trained_export), cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert pq.read_table(tmp_path / name).column("n").to_pylist() == list(range(50))
+        peaks[name] = usage.ru_maxrss / 1024  # MiB
+    print(f"peak RSS: small manifest {peaks['small']:.0f} MiB, 1M-row manifest {peaks['big']:.0f} MiB")
+    assert peaks["big"] < peaks["small"] + 64
