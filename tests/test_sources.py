@@ -1,0 +1,67 @@
+"""Sources: folder walks and parquet manifests, streamed, with input errors that say what to do."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import InputConfig
+from pipeline.sources import InputError, check, iter_items
+
+
+def test_folder_walk_is_sorted_recursive_and_filtered(tmp_path):
+    for name in ["b.jpg", "a/z.PNG", "a/b/c.webp", "A.gif", "notes.txt", ".hidden.jpg", ".cache/x.jpg", "noext"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    items = list(iter_items(InputConfig(path=str(tmp_path))))
+    assert [i.id for i in items] == ["A.gif", "a/b/c.webp", "a/z.PNG", "b.jpg"]
+    assert items[0].path == str(tmp_path / "A.gif") and items[0].source == items[0].path
+    assert [i.id for i in iter_items(InputConfig(path=str(tmp_path), extensions=["gif"]))] == ["A.gif"]
+    assert len(list(iter_items(InputConfig(path=str(tmp_path), limit=2)))) == 2
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        check(InputConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(InputError, match="holds no images"):
+        check(InputConfig(path=str(tmp_path)))
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "m.parquet")
+    with pytest.raises(InputError, match="use input=parquet"):
+        check(InputConfig(path=str(tmp_path / "m.parquet")))
+
+
+def test_manifest_folder_and_glob(tmp_path):
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"image": ["a.jpg", "b.jpg"]}), tmp_path / "m" / "1.parquet")
+    pq.write_table(pa.table({"image": ["c.jpg"]}), tmp_path / "m" / "2.parquet")
+    pq.write_table(pa.table({"image": ["junk.jpg"]}), tmp_path / "m" / "_skip.parquet")
+    for path in [tmp_path / "m", tmp_path / "m" / "[12].parquet"]:
+        items = list(iter_items(InputConfig(kind="parquet", path=str(path))))
+        assert [i.id for i in items] == ["a.jpg", "b.jpg", "c.jpg"]
+        assert items[2].path == str(tmp_path / "m" / "c.jpg")
+
+
+def test_manifest_ids_prompts_and_nulls(tmp_path):
+    pq.write_table(
+        pa.table({"image": ["/abs/a.jpg", None, "b.jpg"], "key": ["k0", "k1", None], "q": ["<grounding>Q", None, ""]}),
+        tmp_path / "m.parquet",
+    )
+    items = list(iter_items(InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), id_column="key", prompt_column="q")))
+    assert [i.id for i in items] == ["k0", "k1", "2"]
+    assert items[0].path == "/abs/a.jpg" and items[0].prompt == "<grounding>Q"
+    assert items[1].error == "null in image column 'image'" and items[1].source == f"{tmp_path / 'm.parquet'}#1"
+    assert items[2].error == "null in id column 'key'"
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        check(InputConfig(kind="parquet", path=str(tmp_path / "none.parquet")))
+    with pytest.raises(InputError, match="matches no parquet files"):
+        check(InputConfig(kind="parquet", path=str(tmp_path / "*.parquet")))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="cannot read manifest"):
+        check(InputConfig(kind="parquet", path=str(tmp_path / "bad.parquet")))
+    pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "m.parquet")
+    with pytest.raises(InputError, match="has no column 'image'; its columns are: path"):
+        check(InputConfig(kind="parquet", path=str(tmp_path / "m.parquet")))
