@@ -49,11 +49,17 @@ class EngineConfig:
     min_new_tokens: int = 0
     # Compiled-blob cache (OpenVINO CACHE_DIR); None = inside model.dir.
     cache_dir: str | None = None
+    # OpenVINO threads of this process; 0 = the machine's cores / shards_per_machine.
+    threads: int = 0
+    # How many shards run side by side on this machine (e.g. the joblib launcher's n_jobs).
+    shards_per_machine: int = 1
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"engine.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for key in ("batch_size", "num_requests", "min_new_tokens"):
+        if self.shards_per_machine < 1:
+            raise ConfigError(f"engine.shards_per_machine={self.shards_per_machine} must be >= 1")
+        for key in ("batch_size", "num_requests", "min_new_tokens", "threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"engine.{key}={getattr(self, key)} must be >= 0")
         if self.max_new_tokens < 1:
@@ -83,8 +89,15 @@ class InputConfig:
     # Images larger than this are refused before they are decoded (decompression bombs).
     max_image_pixels: int = 100_000_000
     decode_threads: int = 0  # 0 = derived from the core count
+    # Deterministic partition by a stable hash of `id`: shard `shard_index` of `num_shards`.
+    num_shards: int = 1
+    shard_index: int = 0
 
     def validate(self) -> None:
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(
+                f"input.shard_index={self.shard_index} must be in [0, input.num_shards={self.num_shards})"
+            )
         if self.kind not in INPUT_KINDS:
             raise ConfigError(f"input.kind={self.kind!r} is not one of {', '.join(INPUT_KINDS)}")
         if not self.path:
@@ -96,14 +109,21 @@ class InputConfig:
             raise ConfigError("input.keep_columns applies to parquet manifests only (input=parquet)")
 
 
+OUTPUT_MODES = ("resume", "overwrite", "error")
+
+
 @dataclass
 class OutputConfig:
     dir: str | None = None  # default: the Hydra run folder under outputs/
+    # resume: skip items already in committed parts; overwrite: start clean; error: refuse if output exists.
+    mode: str = "resume"
     rows_per_file: int = 1000  # a part file is committed after this many rows...
     flush_seconds: float = 300.0  # ...or this long after its first row, whichever comes first
     compression: str = "zstd"
 
     def validate(self) -> None:
+        if self.mode not in OUTPUT_MODES:
+            raise ConfigError(f"output.mode={self.mode!r} is not one of {', '.join(OUTPUT_MODES)}")
         if self.rows_per_file < 1:
             raise ConfigError(f"output.rows_per_file={self.rows_per_file} must be >= 1")
         if self.flush_seconds <= 0:
@@ -122,16 +142,29 @@ class PreviewConfig:
 
 
 @dataclass
+class RunConfig:
+    # Abort (keeping committed work) once more than this fraction of items failed; null = never.
+    max_error_rate: float | None = None
+    # ...judged only after this many items, so a few early failures do not stop a run.
+    error_rate_min_items: int = 50
+
+    def validate(self) -> None:
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise ConfigError(f"run.max_error_rate={self.max_error_rate} must be between 0 and 1 (or null)")
+
+
+@dataclass
 class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     prompt: str = "<grounding>An image of"
 
     def validate(self) -> None:
-        for part in (self.model, self.engine, self.input, self.output, self.preview):
+        for part in (self.model, self.engine, self.input, self.output, self.preview, self.run):
             part.validate()
         if not self.prompt.strip():
             raise ConfigError("prompt is empty")

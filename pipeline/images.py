@@ -47,13 +47,26 @@ def open_rgb(item: Item, max_pixels: int) -> Image.Image:
     with Image.open(source) as im:
         width, height = im.size
         if width * height > max_pixels:
-            raise ValueError(
-                f"image is {width}x{height} = {width * height / 1e6:.0f} Mpx, over input.max_image_pixels="
+            raise TooLarge(
+                f"too many pixels: {width}x{height} = {width * height / 1e6:.0f} Mpx, over input.max_image_pixels="
                 f"{max_pixels} (raise it if the image is genuine)"
             )
         im.load()
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            im = _to_8bit(im)
         return im.convert("RGB")
+
+
+class TooLarge(ValueError):
+    pass
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit grey scaled into 8 bits (Pillow's convert would clip everything over 255 to white)."""
+    values = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") else max(float(values.max()), 1.0)
+    return Image.fromarray(np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
 
 
 def decode(item: Item, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> Decoded:
@@ -62,15 +75,33 @@ def decode(item: Item, preprocess: Callable[[Image.Image], np.ndarray], max_pixe
     try:
         image = open_rgb(item, max_pixels)
         return Decoded(item, image, preprocess(image), *image.size)
+    except TooLarge as e:
+        item.error = str(e)
     except FileNotFoundError:
         item.error = f"file not found: {item.path}"
     except PermissionError:
         item.error = f"permission denied: {item.path}"
+    except IsADirectoryError:
+        item.error = f"not a file: {item.path}"
     except Image.UnidentifiedImageError:
-        item.error = "not an image Pillow can read (unknown format or corrupt header)"
+        item.error = "not an image: unknown format or corrupt header" + (" (empty file)" if _empty(item) else "")
     except Exception as e:  # truncated data, bad tables, decoder errors: all the image's fault
         item.error = f"cannot decode image: {type(e).__name__}: {e}"
     return Decoded(item)
+
+
+def _empty(item: Item) -> bool:
+    if item.data is not None:
+        return len(item.data) == 0
+    try:
+        return os.path.getsize(item.path) == 0
+    except OSError:
+        return False
+
+
+def error_kind(error: str) -> str:
+    """The words before the first colon: every item error starts with its kind."""
+    return error.split(":", 1)[0]
 
 
 def image_preprocessor(processor) -> Callable[[Image.Image], np.ndarray]:

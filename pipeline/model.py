@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,9 +30,15 @@ class Prompt:
     image_mask: np.ndarray  # bool [T], True at the 64 placeholder positions
 
 
+def threads(cfg: EngineConfig) -> int:
+    """This process's share of the machine: shards side by side must not oversubscribe its cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cfg.threads or max(1, cores // cfg.shards_per_machine)
+
+
 def compile_properties(cfg: EngineConfig, cache_dir: Path) -> dict:
     """OpenVINO properties for `cfg`. f32 must also pin the KV cache, which is u8 on CPU by default."""
-    props = {"PERFORMANCE_HINT": "THROUGHPUT", "CACHE_DIR": str(cache_dir)}
+    props = {"PERFORMANCE_HINT": "THROUGHPUT", "CACHE_DIR": str(cache_dir), "INFERENCE_NUM_THREADS": threads(cfg)}
     if cfg.precision in _PRECISION:
         props["INFERENCE_PRECISION_HINT"] = _PRECISION[cfg.precision]
     return props

@@ -1,4 +1,9 @@
-"""The annotation run, one straight line: source -> decode -> engine -> grounding -> sink (+ preview)."""
+"""The annotation run, one straight line: source -> decode -> engine -> grounding -> sink (+ preview).
+
+Before the line starts: the config and the input are checked (nothing written if they fail), this
+shard of the output folder is locked, and the ids already committed there are loaded, so a rerun
+continues where a killed one stopped and a scheduled rerun only annotates what is new.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,17 +26,24 @@ SUMMARY = "_summary.json"
 PREVIEWS = "_previews"
 
 
+class RunAborted(RuntimeError):
+    """run.max_error_rate was exceeded; committed parts are kept."""
+
+
 @dataclass
 class Summary:
-    items: int = 0
+    items: int = 0  # rows written by this run
     errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # already in committed parts (resume)
     entities: int = 0
     boxes: int = 0
     generated_tokens: int = 0
     wall_seconds: float = 0.0
     load_seconds: float = 0.0  # export check, compile, first start
-    images_per_s: float = 0.0  # items per second once the model is loaded
+    images_per_s: float = 0.0  # rows per second once the model is loaded
     output_dir: str = ""
+    shard: str = "0/1"
     parts: list[str] = field(default_factory=list)
     model: str = ""
     weight_format: str = ""
@@ -42,46 +55,114 @@ def prepare(cfg: AppConfig) -> None:
     sources.check(cfg.input)
 
 
+def result_settings(cfg: AppConfig) -> dict:
+    """The settings that change what a row says: one output folder holds results of one setting."""
+    return {
+        "model.source": cfg.model.source,
+        "model.revision": cfg.model.revision,
+        "model.weight_format": cfg.model.weight_format,
+        "engine.precision": cfg.engine.precision,
+        "engine.max_new_tokens": cfg.engine.max_new_tokens,
+        "engine.min_new_tokens": cfg.engine.min_new_tokens,
+        "prompt": cfg.prompt,
+        "input.prompt_column": cfg.input.prompt_column,
+    }
+
+
 def run(cfg: AppConfig, output_dir: Path) -> Summary:
-    from pipeline.engine import Engine
+    from pipeline import sink as sinks
     from pipeline.export import ensure_export
-    from pipeline.model import KosmosModel
-    from pipeline.sink import ParquetSink, output_schema
 
     started = time.perf_counter()
     prepare(cfg)
-    schema = output_schema(sources.keep_schema(cfg.input))
-    model = KosmosModel(ensure_export(cfg.model), cfg.engine)
-    engine = Engine(model, cfg.engine)
-    sink = ParquetSink(output_dir, schema, cfg.output.rows_per_file, cfg.output.flush_seconds, cfg.output.compression)
-    summary = Summary(output_dir=str(output_dir), model=cfg.model.source, weight_format=cfg.model.weight_format)
-    summary.load_seconds = time.perf_counter() - started
-
-    loaded = time.perf_counter()
-    with _progress(cfg) as bar:
-        for row in _rows(cfg, model, engine, output_dir / PREVIEWS):
-            sink.add(row)
-            summary.items += 1
-            summary.errors += row["error"] is not None
-            summary.entities += len(row["entities"] or [])
-            summary.boxes += sum(len(e["boxes"]) for e in row["entities"] or [])
-            summary.generated_tokens += len(row["token_ids"] or [])
-            bar.update(1)
-            bar.set_postfix(errors=summary.errors, entities=summary.entities, refresh=False)
-    sink.close()
-
-    now = time.perf_counter()
-    summary.wall_seconds = round(now - started, 2)
-    summary.load_seconds = round(summary.load_seconds, 2)
-    summary.images_per_s = round(summary.items / max(now - loaded, 1e-9), 3)
-    summary.parts = [p.name for p in sink.parts]
-    record = {**asdict(summary), "config": asdict(cfg)}
-    (output_dir / SUMMARY).write_text(json.dumps(record, indent=2, default=str))
+    schema = sinks.output_schema(sources.keep_schema(cfg.input))
+    model_dir = ensure_export(cfg.model)  # may fail on the checkpoint: before the output folder is touched
+    shard = cfg.input.shard_index
+    with sinks.exclusive(output_dir, shard):
+        sinks.prepare_folder(output_dir, cfg.output.mode, shard, result_settings(cfg))
+        done = sinks.DoneIds(output_dir)
+        if len(done):
+            log.info("Resuming: %d items are already in %s and will be skipped", len(done), output_dir)
+        summary = Summary(
+            output_dir=str(output_dir),
+            shard=f"{shard}/{cfg.input.num_shards}",
+            model=cfg.model.source,
+            weight_format=cfg.model.weight_format,
+        )
+        sink = sinks.ParquetSink(
+            output_dir, schema, cfg.output.rows_per_file, cfg.output.flush_seconds, cfg.output.compression, shard
+        )
+        try:
+            _annotate(cfg, model_dir, output_dir, done, sink, summary, started)
+        finally:
+            sink.close()  # whatever happens, rows already annotated are committed
+            summary.parts = [p.name for p in sink.parts]
+            summary.wall_seconds = round(time.perf_counter() - started, 2)
+            record = {**asdict(summary), "config": asdict(cfg)}
+            (output_dir / f"_summary-{shard:05d}.json" if cfg.input.num_shards > 1 else output_dir / SUMMARY).write_text(
+                json.dumps(record, indent=2, default=str)
+            )
     return summary
 
 
-def _rows(cfg: AppConfig, model, engine, previews: Path) -> Iterator[dict]:
-    """One output row per input item, in input order; items that failed to decode pass through the
+def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, summary: Summary, started: float) -> None:
+    from pipeline.engine import Engine
+    from pipeline.model import KosmosModel
+
+    model = KosmosModel(model_dir, cfg.engine)
+    engine = Engine(model, cfg.engine)
+    summary.load_seconds = round(time.perf_counter() - started, 2)
+    loaded = time.perf_counter()
+    kinds: Counter = Counter()
+    with _progress() as bar:
+        for row in _rows(cfg, model, engine, _todo(cfg, done, summary), output_dir / PREVIEWS):
+            sink.add(row)
+            summary.items += 1
+            if row["error"] is not None:
+                summary.errors += 1
+                kinds[images.error_kind(row["error"])] += 1
+                summary.errors_by_kind = dict(kinds)
+            summary.entities += len(row["entities"] or [])
+            summary.boxes += sum(len(e["boxes"]) for e in row["entities"] or [])
+            summary.generated_tokens += len(row["token_ids"] or [])
+            summary.images_per_s = round(summary.items / max(time.perf_counter() - loaded, 1e-9), 3)
+            bar.update(1)
+            bar.set_postfix(errors=summary.errors, entities=summary.entities, refresh=False)
+            _check_error_rate(cfg, summary)
+
+
+def _todo(cfg: AppConfig, done, summary: Summary) -> Iterator[sources.Item]:
+    """This shard's items not yet committed; a repeated id becomes an error row, never a silent drop."""
+    from pipeline.sink import id_hashes
+
+    seen: set[int] = set()  # 64-bit hashes: a few tens of bytes an item
+    for item in sources.iter_items(cfg.input):
+        h = int(id_hashes([item.id])[0])
+        if h % cfg.input.num_shards != cfg.input.shard_index:
+            continue
+        if h in done:
+            summary.skipped += 1
+            continue
+        if h in seen:
+            item.error = item.error or f"duplicate id: {item.id!r} was already used by an earlier item"
+        seen.add(h)
+        yield item
+
+
+def _check_error_rate(cfg: AppConfig, summary: Summary) -> None:
+    rate = cfg.run.max_error_rate
+    if rate is None or summary.items < cfg.run.error_rate_min_items:
+        return
+    if summary.errors > rate * summary.items:
+        raise RunAborted(
+            f"{summary.errors} of {summary.items} items failed, over run.max_error_rate={rate} "
+            f"({', '.join(f'{k}: {n}' for k, n in summary.errors_by_kind.items())}); committed parts are kept "
+            "and a rerun resumes after them"
+        )
+
+
+def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews: Path) -> Iterator[dict]:
+    """One output row per item, in input order; items that failed to decode pass through the
     engine untouched."""
     from pipeline.engine import Request
     from pipeline.preview import write_preview
@@ -98,7 +179,7 @@ def _rows(cfg: AppConfig, model, engine, previews: Path) -> Iterator[dict]:
         return decoded
 
     ahead = engine.batch_size * (engine.num_requests + 1)
-    decoded = images.ordered_map(decode, sources.iter_items(cfg.input), threads, ahead)
+    decoded = images.ordered_map(decode, items, threads, ahead)
     requests = (Request(d.pixel_values, d.item.prompt or cfg.prompt, tag=d) for d in decoded)
     for gen in engine.generate(requests):
         item = gen.tag.item
@@ -130,14 +211,15 @@ def _row(item: sources.Item, **values) -> dict:
     return row
 
 
-def _progress(cfg: AppConfig):
+def _progress():
     from tqdm import tqdm
 
-    return tqdm(total=cfg.input.limit, unit="img", desc="annotating", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(unit="img", desc="annotating", dynamic_ncols=True, mininterval=1.0)
 
 
-def copy_hydra_record(hydra_dir: Path, output_dir: Path) -> None:
-    """Hydra's own `.hydra/` config record, next to the data it produced."""
+def copy_hydra_record(hydra_dir: Path, output_dir: Path, cfg: AppConfig) -> None:
+    """Hydra's own `.hydra/` config record, next to the data it produced (one per shard)."""
     src = hydra_dir / ".hydra"
-    if src.is_dir() and src.resolve() != (output_dir / ".hydra").resolve():
-        shutil.copytree(src, output_dir / ".hydra", dirs_exist_ok=True)
+    dst = output_dir / (".hydra" if cfg.input.num_shards == 1 else f".hydra-{cfg.input.shard_index:05d}")
+    if src.is_dir() and src.resolve() != dst.resolve():
+        shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -1,20 +1,29 @@
-"""Rows -> parquet part files, each complete when it appears.
+"""Rows -> parquet part files, each complete when it appears; and what a run may do with its folder.
 
 A part is written under a temporary name starting with `.` (which parquet readers skip), synced, then
-renamed to `part-NNNNN.parquet`. A part is committed after `rows_per_file` rows or `flush_seconds`
+renamed to `part-<shard>-<n>.parquet`. A part is committed after `rows_per_file` rows or `flush_seconds`
 after its first row, so a killed run loses at most that much work in progress, never a committed part.
+The committed parts are also the resume index: their ids are what a rerun skips.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+SETTINGS = "_settings.json"
 
 BOX = pa.struct([("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32())])
 ENTITY = pa.struct([("phrase", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("boxes", pa.list_(BOX))])
@@ -31,7 +40,11 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-PART = re.compile(r"^part-(\d{5,})\.parquet$")
+PART = re.compile(r"^part-(\d{5})-(\d{5,})\.parquet$")
+
+
+class OutputError(ValueError):
+    """The output folder cannot take this run; the message says why and the ways out."""
 
 
 def output_schema(keep_fields: list[pa.Field]) -> pa.Schema:
@@ -44,21 +57,109 @@ def output_schema(keep_fields: list[pa.Field]) -> pa.Schema:
     return schema
 
 
-def committed_parts(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("part-*.parquet") if PART.match(p.name))
+def committed_parts(folder: Path, shard: int | None = None) -> list[Path]:
+    parts = sorted(p for p in Path(folder).glob("part-*.parquet") if PART.match(p.name))
+    return parts if shard is None else [p for p in parts if int(PART.match(p.name).group(1)) == shard]
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """A stable 64-bit hash per id (the same on every machine and Python): shards and the resume index."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") for i in ids],
+        dtype=np.uint64,
+    )
+
+
+class DoneIds:
+    """Ids already in committed parts, as sorted 64-bit hashes: 8 bytes an id, however many parts."""
+
+    def __init__(self, folder: Path):
+        chunks = [np.empty(0, np.uint64)]
+        for part in committed_parts(folder):
+            with pq.ParquetFile(part) as f:
+                for batch in f.iter_batches(columns=["id"], batch_size=65536):
+                    chunks.append(id_hashes(batch.column(0).to_pylist()))
+        self._hashes = np.unique(np.concatenate(chunks))
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __contains__(self, item_hash: int) -> bool:
+        i = np.searchsorted(self._hashes, np.uint64(item_hash))
+        return bool(i < len(self._hashes) and self._hashes[i] == item_hash)
+
+
+@contextmanager
+def exclusive(folder: Path, shard: int) -> Iterator[None]:
+    """Hold this shard of the folder for the whole run. flock dies with its process, even on SIGKILL,
+    so a killed run never leaves the folder stuck."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".lock-{shard:05d}"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise OutputError(
+                f"output.dir={str(folder)!r} shard {shard} is being written by {holder}; wait for that run "
+                "to finish (a rerun then resumes where it stopped) or choose another output.dir"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_folder(folder: Path, mode: str, shard: int, settings: dict) -> None:
+    """Apply output.mode, and refuse to mix results made with different settings in one folder."""
+    parts = committed_parts(folder)
+    if mode == "error" and parts:
+        raise OutputError(
+            f"output.dir={str(folder)!r} already holds {len(parts)} part files and output.mode=error; "
+            "use output.mode=resume to continue it, output.mode=overwrite to start again, or another output.dir"
+        )
+    if mode == "overwrite":
+        for part in committed_parts(folder, shard):
+            part.unlink()
+    recorded_path = folder / SETTINGS
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.exists() else None
+    if recorded is not None and recorded != settings and mode == "resume" and parts:
+        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise OutputError(
+            f"output.dir={str(folder)!r} holds results made with other settings ({detail}); set them back, "
+            "use output.mode=overwrite to start again, or choose another output.dir"
+        )
+    if recorded != settings:
+        tmp = folder / f".{SETTINGS}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        os.replace(tmp, recorded_path)
 
 
 class ParquetSink:
-    def __init__(self, folder: Path, schema: pa.Schema, rows_per_file: int, flush_seconds: float, compression: str = "zstd"):
+    def __init__(
+        self,
+        folder: Path,
+        schema: pa.Schema,
+        rows_per_file: int,
+        flush_seconds: float,
+        compression: str = "zstd",
+        shard: int = 0,
+    ):
         self.folder = Path(folder)
         self.schema = schema
         self.rows_per_file = rows_per_file
         self.flush_seconds = flush_seconds
         self.compression = compression
+        self.shard = shard
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".part-*.tmp"):  # a part a killed run never committed
+        for stale in self.folder.glob(f".part-{shard:05d}-*.tmp"):  # a part a killed run never committed
             stale.unlink()
-        existing = [int(PART.match(p.name).group(1)) for p in committed_parts(self.folder)]
+        existing = [int(PART.match(p.name).group(2)) for p in committed_parts(self.folder, shard)]
         self._next = max(existing, default=-1) + 1
         self._rows: list[dict[str, Any]] = []
         self._first_at = 0.0
@@ -76,7 +177,7 @@ class ParquetSink:
         if not self._rows:
             return
         table = pa.Table.from_pylist(self._rows, schema=self.schema)
-        name = f"part-{self._next:05d}.parquet"
+        name = f"part-{self.shard:05d}-{self._next:05d}.parquet"
         tmp = self.folder / f".{name}.tmp"
         pq.write_table(table, tmp, compression=self.compression)
         with open(tmp, "rb") as f:

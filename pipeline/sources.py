@@ -168,7 +168,7 @@ def _manifest_item(cfg: InputConfig, file: Path, base: Path, row: int, values: d
         extra={c: values[c] for c in cfg.keep_columns},
     )
     if image is None or (path is None and data is None):
-        item.error = f"null in image column {cfg.image_column!r}"
+        item.error = f"null image: column {cfg.image_column!r} is null in this row"
     elif cfg.id_column and values.get(cfg.id_column) is None:
-        item.error = f"null in id column {cfg.id_column!r}"
+        item.error = f"null id: column {cfg.id_column!r} is null in this row"
     return item

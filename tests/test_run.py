@@ -198,7 +198,7 @@ def test_manifest_with_image_bytes(trained_checkpoint, trained_export, tmp_path,
     run(config(trained_checkpoint, trained_export, InputConfig(kind="parquet", path=str(binary), image_column="jpeg"), out), out)
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert list(rows) == ["0", "1", "2", "3", "4"]  # no path: the row number
-    assert rows["4"]["error"] == "null in image column 'jpeg'"
+    assert rows["4"]["error"] == "null image: column 'jpeg' is null in this row"
     assert entity_view(rows["2"]) == expected(processor, names[2])[1]
 
 
@@ -206,7 +206,7 @@ def test_parts_are_bounded_in_rows(trained_checkpoint, trained_export, mixed_fol
     out = tmp_path / "out"
     run(config(trained_checkpoint, trained_export, InputConfig(path=str(mixed_folder)), out, output={"rows_per_file": 3}), out)
     parts = sorted(p.name for p in out.glob("*.parquet"))
-    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert parts == ["part-00000-00000.parquet", "part-00000-00001.parquet", "part-00000-00002.parquet"]
     assert [pq.read_metadata(out / p).num_rows for p in parts] == [3, 3, 1]
 
 

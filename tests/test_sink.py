@@ -21,13 +21,13 @@ def test_parts_commit_every_n_rows_and_on_close(tmp_path):
     sink = ParquetSink(tmp_path, SCHEMA, rows_per_file=4, flush_seconds=3600)
     for i in range(10):
         sink.add(row(i))
-    assert [p.name for p in committed_parts(tmp_path)] == ["part-00000.parquet", "part-00001.parquet"]
+    assert [p.name for p in committed_parts(tmp_path)] == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
     sink.close()
     assert [pq.read_metadata(p).num_rows for p in committed_parts(tmp_path)] == [4, 4, 2]
     table = pq.read_table(tmp_path)
     assert table.schema.remove_metadata() == SCHEMA
     assert table.column("id").to_pylist() == [str(i) for i in range(10)]
-    assert pq.read_metadata(tmp_path / "part-00000.parquet").row_group(0).column(0).compression == "ZSTD"
+    assert pq.read_metadata(tmp_path / "part-00000-00000.parquet").row_group(0).column(0).compression == "ZSTD"
 
 
 def test_parts_commit_after_flush_seconds(tmp_path, monkeypatch):
@@ -46,11 +46,11 @@ def test_parts_commit_after_flush_seconds(tmp_path, monkeypatch):
 def test_new_sink_continues_numbering_and_removes_uncommitted_temporaries(tmp_path):
     sink = ParquetSink(tmp_path, SCHEMA, rows_per_file=1, flush_seconds=60)
     sink.add(row(0))
-    (tmp_path / ".part-00001.parquet.tmp").write_bytes(b"half a file")
+    (tmp_path / ".part-00000-00001.parquet.tmp").write_bytes(b"half a file")
     sink = ParquetSink(tmp_path, SCHEMA, rows_per_file=1, flush_seconds=60)
-    assert not (tmp_path / ".part-00001.parquet.tmp").exists()
+    assert not (tmp_path / ".part-00000-00001.parquet.tmp").exists()
     sink.add(row(1))
-    assert [p.name for p in committed_parts(tmp_path)] == ["part-00000.parquet", "part-00001.parquet"]
+    assert [p.name for p in committed_parts(tmp_path)] == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
 
 
 def test_kept_columns_follow_the_contract_and_may_not_clash():

@@ -50,8 +50,8 @@ def test_manifest_ids_prompts_and_nulls(tmp_path):
     items = list(iter_items(InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), id_column="key", prompt_column="q")))
     assert [i.id for i in items] == ["k0", "k1", "2"]
     assert items[0].path == "/abs/a.jpg" and items[0].prompt == "<grounding>Q"
-    assert items[1].error == "null in image column 'image'" and items[1].source == f"{tmp_path / 'm.parquet'}#1"
-    assert items[2].error == "null in id column 'key'"
+    assert items[1].error == "null image: column 'image' is null in this row" and items[1].source == f"{tmp_path / 'm.parquet'}#1"
+    assert items[2].error == "null id: column 'key' is null in this row"
 
 
 def test_manifest_errors(tmp_path):
