@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ R = TypeVar("R")
 
 # Our own guard (input.max_image_pixels) runs first and says more; Pillow's would only warn or raise later.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow's warnings about odd files (bad EXIF, invalid APNG) describe the item, not the run: quiet them.
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
 
 
 @dataclass
