@@ -1,0 +1,88 @@
+"""Sharded runs: a stable partition by id, launched by Hydra multirun on one machine or a cluster."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline.config import InputConfig
+from pipeline.run import run
+from pipeline.sink import id_hashes
+from tests.conftest import EXAMPLES
+from tests.test_resume import many_images, rows_by_id  # noqa: F401  (fixture)
+from tests.test_run import config, model_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = str(REPO / "conf")
+
+
+def test_partition_is_disjoint_covering_and_order_free():
+    ids = [f"folder/{i}.jpg" for i in range(5000)]
+    shards = [set(i for i, h in zip(ids, id_hashes(ids)) if int(h) % 7 == k) for k in range(7)]
+    assert sum(len(s) for s in shards) == len(ids) and set().union(*shards) == set(ids)
+    assert all(600 < len(s) < 830 for s in shards)  # roughly even
+    shuffled = ids[:]
+    random.Random(0).shuffle(shuffled)
+    assert dict(zip(shuffled, id_hashes(shuffled).tolist())) == dict(zip(ids, id_hashes(ids).tolist()))
+    assert int(id_hashes(["a.jpg"])[0]) == 0x89A7126E02F047FE  # blake2b, not Python's salted hash()
+
+
+def multirun(cluster: str, shards: int, folder: Path, out: Path, checkpoint, export, *extra: str):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [
+        sys.executable, "-m", "pipeline", "-m", f"cluster={cluster}", f"hydra.sweep.dir={out.parent / ('sweep-' + cluster)}",
+        f"input.path={folder}", f"output.dir={out}", f"input.num_shards={shards}",
+        "input.shard_index=" + ",".join(str(i) for i in range(shards)), *model_overrides(checkpoint, export), *extra,
+    ]
+    proc = subprocess.run(args, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("cluster, shards, extra", [("local", 3, ["hydra.launcher.n_jobs=3"]), ("submitit_local", 2, [])])
+def test_multirun_shards_equal_a_single_run(trained_checkpoint, trained_export, many_images, tmp_path, cluster, shards, extra):
+    single = tmp_path / "single"
+    run(config(trained_checkpoint, trained_export, InputConfig(path=str(many_images)), single), single)
+    want = {i: r["token_ids"] for i, r in rows_by_id(single).items()}
+
+    out = tmp_path / "sharded"
+    multirun(cluster, shards, many_images, out, trained_checkpoint, trained_export, *extra)
+    got = rows_by_id(out)
+    assert {i: r["token_ids"] for i, r in got.items()} == want
+    parts = {p.name.split("-")[1] for p in out.glob("part-*.parquet")}
+    assert parts == {f"{i:05d}" for i in range(shards)}  # every shard wrote its own parts
+    assert sorted(p.name for p in out.glob("_summary-*.json")) == [f"_summary-{i:05d}.json" for i in range(shards)]
+
+    # Resume works per shard: a second multirun finds everything done.
+    multirun(cluster, shards, many_images, out, trained_checkpoint, trained_export, *extra)
+    assert rows_by_id(out).keys() == want.keys()
+
+
+def test_local_cluster_splits_the_cores_between_shards():
+    from omegaconf import OmegaConf
+
+    from pipeline.config import EngineConfig
+    from pipeline.model import threads
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("config", overrides=["cluster=local", "hydra.launcher.n_jobs=2"], return_hydra_config=True)
+    assert OmegaConf.select(cfg, "hydra.launcher.n_jobs") == 2
+    engine = OmegaConf.to_container(cfg.engine, resolve=False)
+    assert engine["shards_per_machine"] == "${hydra:launcher.n_jobs}"  # resolved inside each job
+    cores = len(os.sched_getaffinity(0))
+    assert threads(EngineConfig(shards_per_machine=2)) == max(1, cores // 2)
+    assert threads(EngineConfig(threads=3, shards_per_machine=2)) == 3
+
+
+@pytest.mark.parametrize("cluster", ["local", "slurm", "submitit_local"])
+def test_cluster_configs_compose(cluster):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("config", overrides=[f"cluster={cluster}"], return_hydra_config=True)
+    assert "launcher" in cfg.hydra
