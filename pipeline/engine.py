@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections import deque
+import threading
+import time
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +52,18 @@ def default_batch_size() -> int:
     return 8
 
 
+class StageTimes:
+    """Busy seconds per stage, summed over the threads that run them (so they can exceed wall time)."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, started: float) -> None:
+        with self._lock:
+            self.seconds[stage] += time.perf_counter() - started
+
+
 class _Slot:
     """One request per graph: the unit that one batch occupies from image to last token."""
 
@@ -81,6 +95,7 @@ class Engine:
         self.cfg = cfg
         self.batch_size = cfg.batch_size or default_batch_size()
         self.num_requests = cfg.num_requests or model.optimal_requests
+        self.times = StageTimes()
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(self.num_requests):
             self._slots.put(_Slot(model))
@@ -117,7 +132,7 @@ class Engine:
 
     def _generate(self, slot: _Slot, batch: list[Request]) -> list[Generation]:
         cfg, eos = self.cfg, self.model.eos_token_id
-        seqs = Sequences(self.model, slot, batch)
+        seqs = Sequences(self.model, slot, batch, self.times)
         results = [Generation(tag=r.tag, prompt_ids=ids) for r, ids in zip(batch, seqs.prompt_ids)]
         logits = seqs.prefill()
         for step in range(cfg.max_new_tokens):
@@ -147,8 +162,9 @@ class Sequences:
     return a view of the last-position logits, one row per current row.
     """
 
-    def __init__(self, model: KosmosModel, slot: _Slot, batch: list[Request]):
+    def __init__(self, model: KosmosModel, slot: _Slot, batch: list[Request], times: StageTimes | None = None):
         self.model, self.slot, self.batch = model, slot, batch
+        self.times = times or StageTimes()
         prompts = [model.encode_prompt(r.prompt) for r in batch]
         self.prompt_ids = [p.input_ids for p in prompts]
         rows, length = len(batch), max(len(p.input_ids) for p in prompts)
@@ -167,22 +183,29 @@ class Sequences:
 
     def prefill(self) -> np.ndarray:
         slot, pad = self.slot, self.model.pad_token_id
+        started = time.perf_counter()
         pixels = np.stack([r.pixel_values for r in self.batch]).astype(np.float32, copy=False)
         slot.image_encoder.infer({0: pixels})
         image_embeds = slot.image_encoder.get_output_tensor(0).data
+        self.times.add("vision", started)
+        started = time.perf_counter()
         embeds = slot.embed(self.input_ids)
         embeds[self.image_mask] = image_embeds.reshape(-1, embeds.shape[-1])
         # Kosmos-2 positions: padding_idx + running count of non-pad tokens; pads sit at padding_idx.
         counted = (self.attention == 1) & (self.input_ids != pad)
         positions = np.where(counted, pad + np.cumsum(counted, axis=1), pad)
         slot.text_decoder.reset_state()
-        return slot.decode(embeds, self.attention, positions, self.rows)
+        logits = slot.decode(embeds, self.attention, positions, self.rows)
+        self.times.add("prefill", started)
+        return logits
 
     def step(self, keep: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        pad = self.model.pad_token_id
+        pad, started = self.model.pad_token_id, time.perf_counter()
         self.rows = self.rows[keep]
         self.attention = np.concatenate([self.attention[keep], np.ones((len(keep), 1), np.int64)], axis=1)
         # transformers' decode-step position: padding_idx + 1 + tokens already cached (pad ids sit at padding_idx).
         positions = np.where(tokens == pad, pad, pad + 1 + self.cache_len[self.rows])[:, None]
         self.cache_len[self.rows] += 1
-        return self.slot.decode(self.slot.embed(tokens[:, None].astype(np.int64)), self.attention, positions, keep)
+        logits = self.slot.decode(self.slot.embed(tokens[:, None].astype(np.int64)), self.attention, positions, keep)
+        self.times.add("decode_steps", started)
+        return logits

@@ -42,6 +42,8 @@ class Summary:
     wall_seconds: float = 0.0
     load_seconds: float = 0.0  # export check, compile, first start
     images_per_s: float = 0.0  # rows per second once the model is loaded
+    # Busy seconds per stage (threads overlap, so they can add up to more than the wall time).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     output_dir: str = ""
     shard: str = "0/1"
     parts: list[str] = field(default_factory=list)
@@ -129,6 +131,9 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
             bar.update(1)
             bar.set_postfix(errors=summary.errors, entities=summary.entities, refresh=False)
             _check_error_rate(cfg, summary)
+    sink.flush()
+    engine.times.seconds["parquet"] += sink.write_seconds
+    summary.stage_seconds = {k: round(v, 2) for k, v in engine.times.seconds.items()}
 
 
 def _todo(cfg: AppConfig, done, summary: Summary) -> Iterator[sources.Item]:
@@ -171,7 +176,9 @@ def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews
     threads = cfg.input.decode_threads or images.default_threads()
 
     def decode(item):
+        started = time.perf_counter()
         decoded = images.decode(item, preprocess, cfg.input.max_image_pixels)
+        engine.times.add("decode_preprocess", started)
         if decoded.image is not None and cfg.preview.enabled:  # keep only what the preview needs
             decoded.image.thumbnail((cfg.preview.max_side, cfg.preview.max_side))
         else:
@@ -186,9 +193,11 @@ def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews
         if gen.tag.error:  # failed before the engine: passed through, in order
             yield _row(item, prompt=item.prompt or cfg.prompt, error=item.error)
             continue
+        started = time.perf_counter()
         caption, entities = parse(model.text_after_image(gen.prompt_ids, gen.token_ids))
         if gen.tag.image is not None:
             write_preview(previews, item.id, gen.tag.image, entities, cfg.preview.max_side, cfg.preview.quality)
+        engine.times.add("grounding_preview", started)
         yield _row(
             item,
             prompt=item.prompt or cfg.prompt,

@@ -164,6 +164,7 @@ class ParquetSink:
         self._rows: list[dict[str, Any]] = []
         self._first_at = 0.0
         self.parts: list[Path] = []
+        self.write_seconds = 0.0
 
     def add(self, row: dict[str, Any]) -> None:
         if not self._rows:
@@ -176,6 +177,7 @@ class ParquetSink:
         """Commit the buffered rows as one part file (atomic: temporary name, fsync, rename)."""
         if not self._rows:
             return
+        started = time.perf_counter()
         table = pa.Table.from_pylist(self._rows, schema=self.schema)
         name = f"part-{self.shard:05d}-{self._next:05d}.parquet"
         tmp = self.folder / f".{name}.tmp"
@@ -187,6 +189,7 @@ class ParquetSink:
         self.parts.append(self.folder / name)
         self._next += 1
         self._rows = []
+        self.write_seconds += time.perf_counter() - started
 
     def close(self) -> None:
         self.flush()
