@@ -219,7 +219,7 @@ def main() -> None:
 
     if not args.skip_sweep:
         for fmt in ("int8", "int4"):
-            for bs in (8, 16, 32):
+            for bs in (4, 8, 16):
                 for nr in (1, 2):
                     print(f"sweep {fmt} batch {bs} requests {nr} ...", flush=True)
                     rows[f"sweep {fmt} b{bs} r{nr}"] = project(fmt, batch_size=bs, num_requests=nr)

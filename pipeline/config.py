@@ -42,13 +42,16 @@ class EngineConfig:
     precision: str = "auto"
     # Images per micro-batch; 0 = derived from the machine.
     batch_size: int = 0
-    # Batches in flight on the infer-request pool; 0 = OpenVINO's optimal number.
+    # Batches in flight on the infer-request pool (one OpenVINO stream each); 0 = one per 8 cores.
     num_requests: int = 0
     max_new_tokens: int = 128
     # Mirrors transformers' min_new_tokens: end-of-sequence is suppressed until this many.
     min_new_tokens: int = 0
     # Compiled-blob cache (OpenVINO CACHE_DIR); None = inside model.dir.
     cache_dir: str | None = None
+    # int8/int4 weights: activations quantised to int8 in groups of this many (OpenVINO's
+    # DYNAMIC_QUANTIZATION_GROUP_SIZE); 0 = off. Ignored with precision=f32, which computes in f32.
+    dynamic_quantization_group_size: int = 256
     # OpenVINO threads of this process; 0 = the machine's cores / shards_per_machine.
     threads: int = 0
     # How many shards run side by side on this machine (e.g. the joblib launcher's n_jobs).
@@ -59,7 +62,7 @@ class EngineConfig:
             raise ConfigError(f"engine.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.shards_per_machine < 1:
             raise ConfigError(f"engine.shards_per_machine={self.shards_per_machine} must be >= 1")
-        for key in ("batch_size", "num_requests", "min_new_tokens", "threads"):
+        for key in ("batch_size", "num_requests", "min_new_tokens", "threads", "dynamic_quantization_group_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"engine.{key}={getattr(self, key)} must be >= 0")
         if self.max_new_tokens < 1:

@@ -36,11 +36,24 @@ def threads(cfg: EngineConfig) -> int:
     return cfg.threads or max(1, cores // cfg.shards_per_machine)
 
 
+def num_requests(cfg: EngineConfig) -> int:
+    """Batches in flight: one per 8 cores. A stream reads all decoder weights at every step, so on a
+    small machine one stream with every core beats several (measured 1.16x on 2 cores)."""
+    return cfg.num_requests or max(1, threads(cfg) // 8)
+
+
 def compile_properties(cfg: EngineConfig, cache_dir: Path) -> dict:
     """OpenVINO properties for `cfg`. f32 must also pin the KV cache, which is u8 on CPU by default."""
-    props = {"PERFORMANCE_HINT": "THROUGHPUT", "CACHE_DIR": str(cache_dir), "INFERENCE_NUM_THREADS": threads(cfg)}
+    props = {
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "PERFORMANCE_HINT_NUM_REQUESTS": num_requests(cfg),  # as many streams as batches in flight
+        "CACHE_DIR": str(cache_dir),
+        "INFERENCE_NUM_THREADS": threads(cfg),
+    }
     if cfg.precision in _PRECISION:
         props["INFERENCE_PRECISION_HINT"] = _PRECISION[cfg.precision]
+    # Larger groups than OpenVINO's default (32) were measured 1.4x faster for vision and prefill here.
+    props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0 if cfg.precision == "f32" else cfg.dynamic_quantization_group_size
     return props
 
 
@@ -72,8 +85,8 @@ class KosmosModel:
         self._blank = None
 
     @property
-    def optimal_requests(self) -> int:
-        return int(self.text_decoder.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    def num_requests(self) -> int:
+        return num_requests(self.cfg)
 
     @lru_cache(maxsize=4096)
     def encode_prompt(self, prompt: str) -> Prompt:
