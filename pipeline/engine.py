@@ -48,6 +48,9 @@ class Generation:
     stopped_by_eos: bool = False
 
 
+FIRST_BATCH = 4
+
+
 def default_batch_size() -> int:
     """16 rows share each decoder step: measured 1.16x faster end to end than 8 on 2 cores (int8),
     since a step costs about the same for 8 or 16 rows (it is bound by reading the weights)."""
@@ -108,11 +111,10 @@ class Engine:
 
         At most one batch waits beyond those running, so memory stays bounded however long the input.
         """
-        it = iter(requests)
         pool = ThreadPoolExecutor(self.num_requests, thread_name_prefix="kosmos-engine")
         pending: deque = deque()
         try:
-            while batch := list(islice(it, self.batch_size)):
+            for batch in self._batches(iter(requests)):
                 pending.append(pool.submit(self._run_batch, batch))
                 while len(pending) > self.num_requests:
                     yield from pending.popleft().result()
@@ -120,6 +122,14 @@ class Engine:
                 yield from pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _batches(self, it: Iterator[Request]) -> Iterator[list[Request]]:
+        """Batches of `batch_size`, after a first one of 4: the first rows come out in seconds instead
+        of after a whole large batch (measured: warm start to first row 17.5 s -> 8.7 s)."""
+        size = min(self.batch_size, FIRST_BATCH)
+        while batch := list(islice(it, size)):
+            yield batch
+            size = self.batch_size
 
     def _run_batch(self, batch: list[Request]) -> list[Generation]:
         work = [r for r in batch if r.pixel_values is not None]
