@@ -10,13 +10,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import AppConfig, ConfigError
+from pipeline.config import CONF_DIR, AppConfig, ConfigError
 from pipeline.sources import InputError
 
 log = logging.getLogger("kosmos-annotate")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def annotate(dict_cfg: DictConfig) -> None:
     from pipeline.run import RunAborted, copy_hydra_record, prepare, run
     from pipeline.sink import OutputError

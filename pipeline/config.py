@@ -4,8 +4,13 @@ value fails at start-up with its name, before any model is loaded."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+
+# The `conf/` tree beside the package, as an absolute path: Hydra resolves a relative config_path
+# against a package (not a folder) when the app starts from a console script.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 PRECISIONS = ("auto", "f32", "bf16")

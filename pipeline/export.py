@@ -391,9 +391,9 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from pipeline.config import AppConfig
+    from pipeline.config import CONF_DIR, AppConfig
 
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
     def _app(dict_cfg) -> None:
         cfg: AppConfig = OmegaConf.to_object(dict_cfg)
         try:

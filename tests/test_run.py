@@ -239,6 +239,17 @@ def test_command_annotates_a_folder(trained_checkpoint, trained_export, tmp_path
     assert (out / ".hydra" / "config.yaml").exists() and (out / "_summary.json").exists()
 
 
+@pytest.mark.parametrize("script", ["kosmos-annotate", "kosmos-export"])
+def test_console_scripts_find_their_config_from_anywhere(tmp_path, script):
+    """Installed entry points (not `python -m`) start from any folder and reach the config."""
+    exe = Path(sys.executable).parent / script
+    if not exe.exists():
+        pytest.skip(f"{script} is not installed in this environment (pip install -e .)")
+    proc = subprocess.run([str(exe), "model.weight_format=int3"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.weight_format='int3' is not one of" in proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
