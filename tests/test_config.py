@@ -28,8 +28,15 @@ def test_defaults():
     assert cfg.engine.max_new_tokens == 128 and cfg.engine.num_requests == 0
 
 
+def test_tasks_set_prompt_and_length():
+    assert load("task=describe").prompt == "<grounding>Describe this image in detail:"
+    assert load("task=describe").engine.max_new_tokens == 256
+    assert load("task=describe", "engine.max_new_tokens=64").engine.max_new_tokens == 64
+    assert load("task=caption").prompt == load().prompt == "<grounding>An image of"
+
+
 def test_every_group_option_composes():
-    for group in ("model", "engine"):
+    for group in ("model", "engine", "input", "output", "preview", "task"):
         for option in sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml")):
             load(f"{group}={option}")
 

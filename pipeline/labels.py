@@ -1,0 +1,246 @@
+"""`kosmos-labels`: the parquet output -> COCO detection JSON, Label Studio predictions, or YOLO txt.
+
+    kosmos-labels format=coco output.dir=labels/ dest=labels/coco.json
+    kosmos-labels format=labelstudio output.dir=labels/ dest=labels/tasks.json
+    kosmos-labels format=yolo output.dir=labels/ dest=labels/yolo/
+
+Streaming: the parts are read in record batches, one pass to find the categories and one to write,
+so memory holds the category list, never the dataset. Boxes are clipped to the image and ordered
+(Kosmos-2 may give a corner pair in either order); rows with an error or without a size are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.config import CONF_DIR, ConfigError, OutputConfig
+from pipeline.sink import committed_parts
+
+log = logging.getLogger("kosmos-labels")
+FORMATS = ("coco", "labelstudio", "yolo")
+
+
+@dataclass
+class LabelsConfig:
+    output: OutputConfig = field(default_factory=OutputConfig)
+    format: str = "coco"  # coco | labelstudio | yolo
+    dest: str | None = None  # a file (coco, labelstudio) or a folder (yolo)
+    # Categories in this order; other phrases are left out. Empty = every distinct (normalised) phrase.
+    classes: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if not self.output.dir:
+            raise ConfigError("output.dir is not set: point it at a kosmos-annotate output folder")
+        if not committed_parts(Path(self.output.dir).expanduser()):
+            raise ConfigError(f"output.dir={self.output.dir!r} holds no part files: is it a kosmos-annotate output?")
+        if not self.dest:
+            raise ConfigError("dest is not set: say where to write, e.g. dest=labels/coco.json")
+
+
+@dataclass
+class Box:
+    label: str
+    x: float  # pixels, top-left corner
+    y: float
+    w: float
+    h: float
+
+
+def normalise(phrase: str) -> str:
+    """One category for `A dog`, `a dog ` and `a  dog`."""
+    return " ".join(phrase.lower().split())
+
+
+def rows(folder: Path) -> Iterator[dict]:
+    for part in committed_parts(folder):
+        with pq.ParquetFile(part) as f:
+            for batch in f.iter_batches(columns=["id", "source", "width", "height", "entities", "error"], batch_size=1024):
+                yield from batch.to_pylist()
+
+
+def boxes(row: dict) -> list[Box]:
+    """Pixel boxes of a row, clipped to the image, with the normalised phrase as label."""
+    width, height = row["width"], row["height"]
+    out = []
+    for entity in row["entities"] or []:
+        for b in entity["boxes"]:
+            x1, x2 = sorted((min(max(b["x1"], 0.0), 1.0), min(max(b["x2"], 0.0), 1.0)))
+            y1, y2 = sorted((min(max(b["y1"], 0.0), 1.0), min(max(b["y2"], 0.0), 1.0)))
+            out.append(Box(normalise(entity["phrase"]), x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height))
+    return out
+
+
+def usable(row: dict) -> bool:
+    return row["error"] is None and bool(row["width"]) and bool(row["height"])
+
+
+def categories(folder: Path, classes: list[str]) -> list[str]:
+    if classes:
+        return [normalise(c) for c in classes]
+    found = set()
+    for row in rows(folder):
+        if usable(row):
+            found.update(b.label for b in boxes(row))
+    return sorted(found)
+
+
+def write_coco(folder: Path, dest: Path, names: list[str]) -> dict:
+    """COCO detection JSON, written as it is read: images, then annotations (a second pass)."""
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    counts = {"images": 0, "annotations": 0}
+    with atomic(dest) as f:
+        f.write('{"info": {"description": "kosmos-annotate grounded boxes"}, "licenses": [], "images": [')
+        for image_id, row in enumerate(r for r in rows(folder) if usable(r)):
+            entry = {"id": image_id + 1, "file_name": row["id"], "width": row["width"], "height": row["height"]}
+            f.write(("," if image_id else "") + json.dumps(entry))
+            counts["images"] += 1
+        f.write('], "annotations": [')
+        for image_id, row in enumerate(r for r in rows(folder) if usable(r)):
+            for box in boxes(row):
+                if box.label not in ids:
+                    continue
+                bbox = [round(box.x, 2), round(box.y, 2), round(box.w, 2), round(box.h, 2)]
+                ann = {
+                    "id": counts["annotations"] + 1,
+                    "image_id": image_id + 1,
+                    "category_id": ids[box.label],
+                    "bbox": bbox,
+                    "area": round(bbox[2] * bbox[3], 2),
+                    "iscrowd": 0,
+                }
+                f.write(("," if counts["annotations"] else "") + json.dumps(ann))
+                counts["annotations"] += 1
+        f.write('], "categories": ' + json.dumps([{"id": i, "name": n, "supercategory": "phrase"} for n, i in ids.items()]) + "}")
+    return counts
+
+
+def write_labelstudio(folder: Path, dest: Path, names: list[str], model_version: str) -> dict:
+    """Label Studio tasks with predictions (rectanglelabels in percent of the image)."""
+    wanted = set(names)
+    counts = {"tasks": 0, "regions": 0}
+    with atomic(dest) as f:
+        f.write("[")
+        for row in rows(folder):
+            if not usable(row):
+                continue
+            result = []
+            for k, box in enumerate(b for b in boxes(row) if b.label in wanted):
+                result.append(
+                    {
+                        "id": f"r{k}",
+                        "type": "rectanglelabels",
+                        "from_name": "label",
+                        "to_name": "image",
+                        "original_width": row["width"],
+                        "original_height": row["height"],
+                        "image_rotation": 0,
+                        "value": {
+                            "x": 100 * box.x / row["width"],
+                            "y": 100 * box.y / row["height"],
+                            "width": 100 * box.w / row["width"],
+                            "height": 100 * box.h / row["height"],
+                            "rotation": 0,
+                            "rectanglelabels": [box.label],
+                        },
+                    }
+                )
+            task = {"data": {"image": row["source"], "id": row["id"]}, "predictions": [{"model_version": model_version, "result": result}]}
+            f.write(("," if counts["tasks"] else "") + json.dumps(task))
+            counts["tasks"] += 1
+            counts["regions"] += len(result)
+        f.write("]")
+    return counts
+
+
+def write_yolo(folder: Path, dest: Path, names: list[str]) -> dict:
+    """`classes.txt` and one `labels/<id>.txt` per image: `class cx cy w h`, normalised."""
+    ids = {name: i for i, name in enumerate(names)}
+    (dest / "labels").mkdir(parents=True, exist_ok=True)
+    with atomic(dest / "classes.txt") as f:
+        f.write("".join(n + "\n" for n in names))
+    counts = {"images": 0, "boxes": 0}
+    for row in rows(folder):
+        if not usable(row):
+            continue
+        lines = [
+            f"{ids[b.label]} {(b.x + b.w / 2) / row['width']:.6f} {(b.y + b.h / 2) / row['height']:.6f} "
+            f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}\n"
+            for b in boxes(row)
+            if b.label in ids
+        ]
+        target = (dest / "labels" / row["id"]).with_suffix(".txt")
+        if not target.resolve().is_relative_to((dest / "labels").resolve()):
+            raise ConfigError(f"id {row['id']!r} would write outside {dest / 'labels'}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(lines))
+        counts["images"] += 1
+        counts["boxes"] += len(lines)
+    return counts
+
+
+class atomic:
+    """Write to a temporary name beside `path`, rename when complete."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.tmp, "w")
+        return self.f
+
+    def __exit__(self, kind, *_):
+        self.f.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def export_labels(cfg: LabelsConfig) -> dict:
+    cfg.validate()
+    folder, dest = Path(cfg.output.dir).expanduser(), Path(cfg.dest).expanduser()
+    names = categories(folder, cfg.classes)
+    if cfg.format == "coco":
+        return write_coco(folder, dest, names)
+    if cfg.format == "labelstudio":
+        settings = folder / "_settings.json"
+        meta = json.loads(settings.read_text()) if settings.exists() else {}
+        version = f"kosmos-2 {meta.get('model.source', '')} {meta.get('model.weight_format', '')}".strip()
+        return write_labelstudio(folder, dest, names, version)
+    return write_yolo(folder, dest, names)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="labels_schema", node=LabelsConfig)
+
+    @hydra.main(config_path=CONF_DIR, config_name="labels", version_base=None)
+    def _app(dict_cfg) -> None:
+        cfg: LabelsConfig = OmegaConf.to_object(dict_cfg)
+        try:
+            counts = export_labels(cfg)
+        except ConfigError as e:
+            log.error("%s", e)
+            sys.exit(2)
+        log.info("Wrote %s to %s (%s)", cfg.format, cfg.dest, ", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Exports of the parquet output: COCO (loaded by pycocotools), Label Studio, YOLO."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, InputConfig, OutputConfig
+from pipeline.labels import LabelsConfig, export_labels
+from pipeline.run import run
+from tests.conftest import EXAMPLES
+from tests.test_run import config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def labels_dir(trained_checkpoint, trained_export, tmp_path_factory) -> Path:
+    photos = tmp_path_factory.mktemp("photos")
+    for p in EXAMPLES.glob("*.*g"):
+        (photos / p.name).write_bytes(p.read_bytes())
+    (photos / "broken.jpg").write_text("not an image")
+    out = tmp_path_factory.mktemp("labels")
+    run(config(trained_checkpoint, trained_export, InputConfig(path=str(photos)), out), out)
+    return out
+
+
+def parquet_boxes(folder: Path) -> dict[str, list]:
+    """(phrase, pixel x, y, w, h) per image id, from the parquet output."""
+    out = {}
+    for row in pq.read_table(folder).to_pylist():
+        if row["error"]:
+            continue
+        w, h = row["width"], row["height"]
+        out[row["id"]] = [
+            (e["phrase"], min(b["x1"], b["x2"]) * w, min(b["y1"], b["y2"]) * h, abs(b["x2"] - b["x1"]) * w, abs(b["y2"] - b["y1"]) * h)
+            for e in row["entities"] for b in e["boxes"]
+        ]
+    return out
+
+
+def labels(folder, fmt, dest, **kw) -> dict:
+    return export_labels(LabelsConfig(output=OutputConfig(dir=str(folder)), format=fmt, dest=str(dest), **kw))
+
+
+def test_coco_loads_with_pycocotools_and_round_trips_boxes(labels_dir, tmp_path):
+    from pycocotools.coco import COCO
+
+    counts = labels(labels_dir, "coco", tmp_path / "coco.json")
+    coco = COCO(str(tmp_path / "coco.json"))
+    want = parquet_boxes(labels_dir)
+    assert counts == {"images": len(want), "annotations": sum(len(v) for v in want.values())}
+    assert {c["name"] for c in coco.loadCats(coco.getCatIds())} == {p for v in want.values() for p, *_ in v}
+    for image in coco.loadImgs(coco.getImgIds()):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        got = [(coco.loadCats(a["category_id"])[0]["name"], *a["bbox"]) for a in anns]
+        assert len(got) == len(want[image["file_name"]])
+        for g, w in zip(got, want[image["file_name"]]):
+            assert g[0] == w[0] and max(abs(a - b) for a, b in zip(g[1:], w[1:])) <= 1.0
+            assert abs(anns[0]["area"] - anns[0]["bbox"][2] * anns[0]["bbox"][3]) < 1
+    assert "broken.jpg" not in {i["file_name"] for i in coco.loadImgs(coco.getImgIds())}
+
+
+def test_class_list_fixes_categories_and_their_order(labels_dir, tmp_path):
+    labels(labels_dir, "coco", tmp_path / "coco.json", classes=["A Cat", "dog"])
+    data = json.loads((tmp_path / "coco.json").read_text())
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "a cat"), (2, "dog")]
+    assert {a["category_id"] for a in data["annotations"]} == {1}
+
+
+def test_labelstudio_predictions(labels_dir, tmp_path):
+    counts = labels(labels_dir, "labelstudio", tmp_path / "tasks.json")
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    want = parquet_boxes(labels_dir)
+    assert counts["tasks"] == len(tasks) == len(want)
+    for task in tasks:
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"].startswith("kosmos-2")
+        assert len(prediction["result"]) == len(want[task["data"]["id"]])
+        for region, (phrase, x, y, w, h) in zip(prediction["result"], want[task["data"]["id"]]):
+            v = region["value"]
+            assert region["type"] == "rectanglelabels" and v["rectanglelabels"] == [phrase]
+            assert abs(v["x"] * region["original_width"] / 100 - x) < 1 and abs(v["height"] * region["original_height"] / 100 - h) < 1
+            assert 0 <= v["x"] <= 100 and 0 <= v["y"] + v["height"] <= 100.001
+
+
+def test_yolo_txt(labels_dir, tmp_path):
+    counts = labels(labels_dir, "yolo", tmp_path / "yolo")
+    classes = (tmp_path / "yolo" / "classes.txt").read_text().splitlines()
+    want = parquet_boxes(labels_dir)
+    assert counts["images"] == len(want)
+    for image_id, boxes in want.items():
+        lines = (tmp_path / "yolo" / "labels" / image_id).with_suffix(".txt").read_text().splitlines()
+        assert [classes[int(line.split()[0])] for line in lines] == [b[0] for b in boxes]
+        assert all(0 <= float(v) <= 1 for line in lines for v in line.split()[1:])
+
+
+def test_bad_arguments_are_config_errors(labels_dir, tmp_path):
+    with pytest.raises(ConfigError, match="format='voc'"):
+        labels(labels_dir, "voc", tmp_path / "x")
+    with pytest.raises(ConfigError, match="holds no part files"):
+        labels(tmp_path, "coco", tmp_path / "x.json")
+
+
+def test_command(labels_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.labels", "format=coco", f"output.dir={labels_dir}", f"dest={tmp_path / 'c.json'}"],
+        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Wrote coco to" in proc.stderr + proc.stdout and (tmp_path / "c.json").exists()
