@@ -92,6 +92,7 @@ class InputConfig:
     image_column: str = "image"
     id_column: str | None = None  # default: the path, else the row number
     prompt_column: str | None = None  # a per-row prompt; null or empty cells take `prompt`
+    phrases_column: str | None = None  # task=ground: a per-row list of phrases to ground
     keep_columns: list[str] = field(default_factory=list)
     limit: int | None = None  # only the first N items
     # Images larger than this are refused before they are decoded (decompression bombs).
@@ -149,6 +150,21 @@ class PreviewConfig:
             raise ConfigError(f"preview.max_side={self.max_side} must be >= 16")
 
 
+TASKS = ("caption", "describe", "ground")
+GROUND_PROMPT = "<grounding><phrase> {phrase}</phrase>"  # Kosmos-2's referring-expression format
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "caption"  # caption | describe | ground (set by the task group)
+    # task=ground: the phrases to find in every image (a class list), unless input.phrases_column gives them.
+    phrases: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.kind not in TASKS:
+            raise ConfigError(f"task.kind={self.kind!r} is not one of {', '.join(TASKS)}")
+
+
 @dataclass
 class RunConfig:
     # Abort (keeping committed work) once more than this fraction of items failed; null = never.
@@ -169,11 +185,14 @@ class AppConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     prompt: str = "<grounding>An image of"
 
     def validate(self) -> None:
-        for part in (self.model, self.engine, self.input, self.output, self.preview, self.run):
+        for part in (self.model, self.engine, self.input, self.output, self.preview, self.run, self.task):
             part.validate()
+        if self.task.kind == "ground" and not (self.task.phrases or self.input.phrases_column):
+            raise ConfigError("task=ground needs phrases: task.phrases=[dog,cat] or input.phrases_column=<column>")
         if not self.prompt.strip():
             raise ConfigError("prompt is empty")
 

@@ -62,11 +62,16 @@ class StageTimes:
 
     def __init__(self):
         self.seconds: Counter = Counter()
+        self.counts: Counter = Counter()
         self._lock = threading.Lock()
 
     def add(self, stage: str, started: float) -> None:
         with self._lock:
             self.seconds[stage] += time.perf_counter() - started
+
+    def add_count(self, name: str, n: int) -> None:
+        with self._lock:
+            self.counts[name] += n
 
 
 class _Slot:
@@ -196,10 +201,14 @@ class Sequences:
     def prefill(self) -> np.ndarray:
         slot, pad = self.slot, self.model.pad_token_id
         started = time.perf_counter()
-        pixels = np.stack([r.pixel_values for r in self.batch]).astype(np.float32, copy=False)
+        # Rows that share one pixel array (several prompts for one image) share one encoding.
+        unique = {id(r.pixel_values): r.pixel_values for r in self.batch}
+        pixels = np.stack(list(unique.values())).astype(np.float32, copy=False)
         slot.image_encoder.infer({0: pixels})
-        image_embeds = slot.image_encoder.get_output_tensor(0).data
+        encoded = dict(zip(unique, slot.image_encoder.get_output_tensor(0).data))
+        image_embeds = np.stack([encoded[id(r.pixel_values)] for r in self.batch])
         self.times.add("vision", started)
+        self.times.add_count("images_encoded", len(unique))
         started = time.perf_counter()
         embeds = slot.embed(self.input_ids)
         embeds[self.image_mask] = image_embeds.reshape(-1, embeds.shape[-1])

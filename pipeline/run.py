@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import images, sources
 from pipeline.config import AppConfig
-from pipeline.grounding import parse
+from pipeline.grounding import Entity, parse
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Summary:
     entities: int = 0
     boxes: int = 0
     generated_tokens: int = 0
+    images_encoded: int = 0  # by the vision tower (task=ground encodes an image once for all its phrases)
     wall_seconds: float = 0.0
     load_seconds: float = 0.0  # export check, compile, first start
     images_per_s: float = 0.0  # rows per second once the model is loaded
@@ -68,6 +69,9 @@ def result_settings(cfg: AppConfig) -> dict:
         "engine.min_new_tokens": cfg.engine.min_new_tokens,
         "prompt": cfg.prompt,
         "input.prompt_column": cfg.input.prompt_column,
+        "task.kind": cfg.task.kind,
+        "task.phrases": list(cfg.task.phrases),
+        "input.phrases_column": cfg.input.phrases_column,
     }
 
 
@@ -134,6 +138,7 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
     sink.flush()
     engine.times.seconds["parquet"] += sink.write_seconds
     summary.stage_seconds = {k: round(v, 2) for k, v in engine.times.seconds.items()}
+    summary.images_encoded = engine.times.counts["images_encoded"]
 
 
 def _todo(cfg: AppConfig, done, summary: Summary) -> Iterator[sources.Item]:
@@ -169,7 +174,6 @@ def _check_error_rate(cfg: AppConfig, summary: Summary) -> None:
 def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews: Path) -> Iterator[dict]:
     """One output row per item, in input order; items that failed to decode pass through the
     engine untouched."""
-    from pipeline.engine import Request
     from pipeline.preview import write_preview
 
     preprocess = images.image_preprocessor(model.processor)
@@ -187,29 +191,80 @@ def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews
 
     ahead = engine.batch_size * (engine.num_requests + 1)
     decoded = images.ordered_map(decode, items, threads, ahead)
-    requests = (Request(d.pixel_values, d.item.prompt or cfg.prompt, tag=d) for d in decoded)
-    for gen in engine.generate(requests):
-        item = gen.tag.item
-        if gen.tag.error:  # failed before the engine: passed through, in order
+    grounded: list = []  # task=ground: the generations of the current image, one per phrase
+    for gen in engine.generate(_requests(cfg, decoded)):
+        d = gen.tag
+        item = d.item
+        if d.error:  # failed before the engine: passed through, in order
             yield _row(item, prompt=item.prompt or cfg.prompt, error=item.error)
             continue
         started = time.perf_counter()
-        caption, entities = parse(model.text_after_image(gen.prompt_ids, gen.token_ids))
-        if gen.tag.image is not None:
-            write_preview(previews, item.id, gen.tag.image, entities, cfg.preview.max_side, cfg.preview.quality)
+        if cfg.task.kind == "ground":
+            grounded.append(gen)
+            phrases = _phrases(cfg, item)
+            if len(grounded) < len(phrases):
+                continue
+            row = _ground_row(model, item, phrases, grounded)
+            grounded = []
+        else:
+            caption, entities = parse(model.text_after_image(gen.prompt_ids, gen.token_ids))
+            row = _row(
+                item,
+                prompt=item.prompt or cfg.prompt,
+                caption=caption,
+                entities=[_entity(e.phrase, e.start, e.end, e.boxes) for e in entities],
+                token_ids=gen.token_ids,
+            )
+        row.update(width=d.width, height=d.height)
+        if d.image is not None:
+            shown = [Entity(e["phrase"], e["start"], e["end"], [tuple(b.values()) for b in e["boxes"]]) for e in row["entities"]]
+            write_preview(previews, item.id, d.image, shown, cfg.preview.max_side, cfg.preview.quality)
         engine.times.add("grounding_preview", started)
-        yield _row(
-            item,
-            prompt=item.prompt or cfg.prompt,
-            width=gen.tag.width,
-            height=gen.tag.height,
-            caption=caption,
-            entities=[
-                {"phrase": e.phrase, "start": e.start, "end": e.end, "boxes": [dict(zip("x1 y1 x2 y2".split(), b)) for b in e.boxes]}
-                for e in entities
-            ],
-            token_ids=gen.token_ids,
-        )
+        yield row
+
+
+def _phrases(cfg: AppConfig, item: sources.Item) -> list[str]:
+    return [p for p in (item.phrases if item.phrases else cfg.task.phrases) if p and p.strip()]
+
+
+def _requests(cfg: AppConfig, decoded):
+    """One request per image, or per (image, phrase) for task=ground, all sharing one pixel array."""
+    from pipeline.config import GROUND_PROMPT
+    from pipeline.engine import Request
+
+    for d in decoded:
+        if cfg.task.kind == "ground" and not d.error and not _phrases(cfg, d.item):
+            d.item.error = "no phrases: this row's phrases are empty and task.phrases is empty"
+        if d.error:
+            yield Request(None, "", tag=d)
+        elif cfg.task.kind == "ground":
+            for phrase in _phrases(cfg, d.item):
+                yield Request(d.pixel_values, GROUND_PROMPT.format(phrase=phrase.strip()), tag=d)
+        else:
+            yield Request(d.pixel_values, d.item.prompt or cfg.prompt, tag=d)
+
+
+def _ground_row(model, item: sources.Item, phrases: list[str], gens: list) -> dict:
+    """One entity per requested phrase, named exactly as requested, with the boxes the model gave it.
+
+    The caption is the phrases joined with "; ", so that every entity's span points at its phrase.
+    """
+    from pipeline.config import GROUND_PROMPT
+
+    caption, entities, tokens = "", [], []
+    for phrase, gen in zip(phrases, gens):
+        _, found = parse(model.text_after_image(gen.prompt_ids, gen.token_ids))
+        wanted = " ".join(phrase.split()).lower()
+        boxes = next((e.boxes for e in found if " ".join(e.phrase.split()).lower() == wanted), [])
+        start = len(caption) + (2 if caption else 0)
+        caption = f"{caption}; {phrase}" if caption else phrase
+        entities.append(_entity(phrase, start, start + len(phrase), boxes))
+        tokens += gen.token_ids
+    return _row(item, prompt=GROUND_PROMPT, caption=caption, entities=entities, token_ids=tokens)
+
+
+def _entity(phrase: str, start: int, end: int, boxes) -> dict:
+    return {"phrase": phrase, "start": start, "end": end, "boxes": [dict(zip(("x1", "y1", "x2", "y2"), b)) for b in boxes]}
 
 
 def _row(item: sources.Item, **values) -> dict:

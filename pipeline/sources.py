@@ -29,6 +29,7 @@ class Item:
     path: str | None = None  # image file to read...
     data: bytes | None = None  # ...or its bytes
     prompt: str | None = None  # per-item prompt, if the manifest gives one
+    phrases: list[str] | None = None  # per-item phrases to ground, if the manifest gives them
     extra: dict[str, Any] = field(default_factory=dict)  # kept columns
     error: str | None = None  # set when the item itself is unusable (null path, ...)
 
@@ -115,7 +116,7 @@ def _schema(file: Path):
 
 
 def _wanted_columns(cfg: InputConfig) -> list[str]:
-    cols = [cfg.image_column, cfg.id_column, cfg.prompt_column, *cfg.keep_columns]
+    cols = [cfg.image_column, cfg.id_column, cfg.prompt_column, cfg.phrases_column, *cfg.keep_columns]
     return list(dict.fromkeys(c for c in cols if c))
 
 
@@ -165,6 +166,7 @@ def _manifest_item(cfg: InputConfig, file: Path, base: Path, row: int, values: d
         path=resolved,
         data=data,
         prompt=values.get(cfg.prompt_column) if cfg.prompt_column else None,
+        phrases=values.get(cfg.phrases_column) if cfg.phrases_column else None,
         extra={c: values[c] for c in cfg.keep_columns},
     )
     if image is None or (path is None and data is None):

@@ -1,0 +1,69 @@
+"""task=ground: given phrases, one entity each, from Kosmos-2's referring format; one encoding per image."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import GROUND_PROMPT, ConfigError, InputConfig, TaskConfig
+from pipeline.run import run
+from tests.conftest import EXAMPLES, load_rgb
+from tests.test_engine import hf_generate, hf_model
+from tests.test_run import config
+
+PHRASES = ["a cat", "a mat", "A   dog"]
+
+
+def reference_boxes(model, processor, name, phrase):
+    """What transformers answers for the referring prompt, parsed by the processor."""
+    prompt = GROUND_PROMPT.format(phrase=phrase.strip())
+    ids = hf_generate(model, processor, load_rgb(EXAMPLES / name), prompt, max_new_tokens=32)
+    enc = processor(text=prompt, images=load_rgb(EXAMPLES / name))
+    text = processor.batch_decode([enc["input_ids"] + ids], skip_special_tokens=True)[0]
+    wanted = " ".join(phrase.split()).lower()
+    return next(([list(b) for b in boxes] for p, _, boxes in processor.post_process_generation(text)[1]
+                 if " ".join(p.split()).lower() == wanted), [])
+
+
+def test_ground_phrases_for_every_image(trained_checkpoint, trained_export, tmp_path, processor):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ["chelsea.png", "coffee.png"]:
+        (photos / name).write_bytes((EXAMPLES / name).read_bytes())
+    out = tmp_path / "labels"
+    cfg = config(trained_checkpoint, trained_export, InputConfig(path=str(photos)), out, task=TaskConfig(kind="ground", phrases=PHRASES))
+    cfg.engine.max_new_tokens = 32
+    summary = run(cfg, out)
+    assert summary.images_encoded == 2  # not 6: one encoding serves all three phrases of an image
+    model = hf_model(trained_checkpoint)
+    for row in pq.read_table(out).to_pylist():
+        assert row["caption"] == "a cat; a mat; A   dog"
+        assert [e["phrase"] for e in row["entities"]] == PHRASES  # exactly as requested
+        assert all(row["caption"][e["start"] : e["end"]] == e["phrase"] for e in row["entities"])
+        for e, phrase in zip(row["entities"], PHRASES):
+            got = [[b["x1"], b["y1"], b["x2"], b["y2"]] for b in e["boxes"]]
+            assert got == reference_boxes(model, processor, row["id"], phrase), (row["id"], phrase)
+        assert row["prompt"] == GROUND_PROMPT and row["token_ids"]
+
+
+def test_ground_phrases_from_a_manifest_column(trained_checkpoint, trained_export, tmp_path):
+    pq.write_table(
+        pa.table({"image": [str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "rocket.jpg")], "classes": [["a cat"], []]}),
+        tmp_path / "m.parquet",
+    )
+    out = tmp_path / "labels"
+    cfg = config(trained_checkpoint, trained_export,
+                 InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), phrases_column="classes"), out,
+                 task=TaskConfig(kind="ground"))
+    run(cfg, out)
+    rows = pq.read_table(out).to_pylist()
+    assert [e["phrase"] for e in rows[0]["entities"]] == ["a cat"] and rows[0]["error"] is None
+    assert rows[1]["error"].startswith("no phrases:")
+
+
+def test_ground_needs_phrases(trained_checkpoint, trained_export, tmp_path):
+    cfg = config(trained_checkpoint, trained_export, InputConfig(path=str(EXAMPLES)), tmp_path, task=TaskConfig(kind="ground"))
+    with pytest.raises(ConfigError, match="task=ground needs phrases"):
+        cfg.validate()
