@@ -1,4 +1,4 @@
-"""task=ground: given phrases, one entity each, from Kosmos-2's referring format; one encoding per image."""
+"""Tasks: describe (a longer prompt) and ground (given phrases, one entity each, one encoding per image)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,21 @@ def test_ground_needs_phrases(trained_checkpoint, trained_export, tmp_path):
     cfg = config(trained_checkpoint, trained_export, InputConfig(path=str(EXAMPLES)), tmp_path, task=TaskConfig(kind="ground"))
     with pytest.raises(ConfigError, match="task=ground needs phrases"):
         cfg.validate()
+
+
+def test_describe_end_to_end(trained_checkpoint, trained_export, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("config", overrides=[
+            "task=describe", f"input.path={EXAMPLES}", "input.limit=2", f"output.dir={tmp_path}",
+            f"model.source={trained_checkpoint}", f"model.dir={trained_export}", "model.weight_format=fp32",
+        ]))
+    summary = run(cfg, tmp_path)
+    rows = pq.read_table(tmp_path).to_pylist()
+    assert summary.items == 2 and cfg.engine.max_new_tokens == 256
+    assert all(r["prompt"] == "<grounding>Describe this image in detail:" for r in rows)
+    assert all(r["caption"].startswith("Describe this image in detail:") and r["token_ids"] for r in rows)
