@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline.config import CONF_DIR, AppConfig, ConfigError
-from pipeline.sources import InputError
+from pipeline.config import AppConfig
 
 log = logging.getLogger("kosmos-annotate")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
-def annotate(dict_cfg: DictConfig) -> None:
-    from pipeline.run import RunAborted, copy_hydra_record, prepare, run
-    from pipeline.sink import OutputError
+def annotate(cfg: AppConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
 
-    cfg: AppConfig = OmegaConf.to_object(dict_cfg)
+    from pipeline.run import copy_hydra_record, run
+
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     output_dir = Path(cfg.output.dir).expanduser() if cfg.output.dir else hydra_dir
-    try:
-        prepare(cfg)
-        summary = run(cfg, output_dir)
-    except (ConfigError, InputError, OutputError) as e:
-        log.error("%s", e)
-        sys.exit(2)
-    except RunAborted as e:
-        log.error("Aborted: %s", e)
-        sys.exit(3)
+    summary = run(cfg, output_dir)
     copy_hydra_record(hydra_dir, output_dir, cfg)
     kinds = ", ".join(f"{k}: {n}" for k, n in summary.errors_by_kind.items())
     log.info(
@@ -50,7 +35,9 @@ def annotate(dict_cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    annotate()
+    from pipeline.cli import command
+
+    command("config", annotate, log)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,14 @@ WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 PRECISIONS = ("auto", "f32", "bf16")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Something the user can fix: the commands log its message as one line and exit with `exit_code`."""
+
+    exit_code = 2
+    label = ""
+
+
+class ConfigError(UserError):
     """A config value that cannot work; the message names the key and what to do."""
 
 

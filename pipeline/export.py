@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -388,22 +387,9 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def main() -> None:
-    import hydra
-    from omegaconf import OmegaConf
+    from pipeline.cli import command
 
-    from pipeline.config import CONF_DIR, AppConfig
-
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
-    def _app(dict_cfg) -> None:
-        cfg: AppConfig = OmegaConf.to_object(dict_cfg)
-        try:
-            path = ensure_export(cfg.model)
-        except ConfigError as e:
-            log.error("%s", e)
-            sys.exit(2)
-        print(f"Export ready: {path}")
-
-    _app()
+    command("config", lambda cfg: print(f"Export ready: {ensure_export(cfg.model)}"), log)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,15 @@ from __future__ import annotations
 import html
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from pipeline.config import CONF_DIR, ConfigError, OutputConfig
+from pipeline.config import ConfigError, OutputConfig
 from pipeline.grounding import Entity
 from pipeline.preview import colour, preview_name, write_preview
-from pipeline.sink import committed_parts
+from pipeline.sink import committed_parts, existing_output
 
 log = logging.getLogger("kosmos-gallery")
 GALLERY = "_gallery"
@@ -39,10 +38,7 @@ class GalleryConfig:
     gallery: GalleryOptions = field(default_factory=GalleryOptions)
 
     def validate(self) -> None:
-        if not self.output.dir:
-            raise ConfigError("output.dir is not set: point it at a kosmos-annotate output folder")
-        if not committed_parts(Path(self.output.dir).expanduser()):
-            raise ConfigError(f"output.dir={self.output.dir!r} holds no part files: is it a kosmos-annotate output?")
+        existing_output(self.output.dir)
         if self.gallery.page_size < 1 or self.gallery.thumb_side < 16:
             raise ConfigError("gallery.page_size must be >= 1 and gallery.thumb_side >= 16")
 
@@ -214,23 +210,13 @@ show();
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from pipeline.cli import command
 
-    ConfigStore.instance().store(name="gallery_schema", node=GalleryConfig)
-
-    @hydra.main(config_path=CONF_DIR, config_name="gallery", version_base=None)
-    def _app(dict_cfg) -> None:
-        cfg: GalleryConfig = OmegaConf.to_object(dict_cfg)
-        try:
-            result = build(cfg)
-        except ConfigError as e:
-            log.error("%s", e)
-            sys.exit(2)
+    def work(cfg: GalleryConfig) -> None:
+        result = build(cfg)
         log.info("Gallery of %d images (%d pages): %s", result["rows"], result["pages"], result["index"])
 
-    _app()
+    command("gallery", work, log, schema=GalleryConfig)
 
 
 if __name__ == "__main__":

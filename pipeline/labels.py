@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.config import CONF_DIR, ConfigError, OutputConfig
-from pipeline.sink import committed_parts
+from pipeline.config import ConfigError, OutputConfig
+from pipeline.sink import committed_parts, existing_output
 
 log = logging.getLogger("kosmos-labels")
 FORMATS = ("coco", "labelstudio", "yolo")
@@ -39,10 +38,7 @@ class LabelsConfig:
     def validate(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
-        if not self.output.dir:
-            raise ConfigError("output.dir is not set: point it at a kosmos-annotate output folder")
-        if not committed_parts(Path(self.output.dir).expanduser()):
-            raise ConfigError(f"output.dir={self.output.dir!r} holds no part files: is it a kosmos-annotate output?")
+        existing_output(self.output.dir)
         if not self.dest:
             raise ConfigError("dest is not set: say where to write, e.g. dest=labels/coco.json")
 
@@ -223,23 +219,13 @@ def export_labels(cfg: LabelsConfig) -> dict:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from pipeline.cli import command
 
-    ConfigStore.instance().store(name="labels_schema", node=LabelsConfig)
-
-    @hydra.main(config_path=CONF_DIR, config_name="labels", version_base=None)
-    def _app(dict_cfg) -> None:
-        cfg: LabelsConfig = OmegaConf.to_object(dict_cfg)
-        try:
-            counts = export_labels(cfg)
-        except ConfigError as e:
-            log.error("%s", e)
-            sys.exit(2)
+    def work(cfg: LabelsConfig) -> None:
+        counts = export_labels(cfg)
         log.info("Wrote %s to %s (%s)", cfg.format, cfg.dest, ", ".join(f"{k}: {v}" for k, v in counts.items()))
 
-    _app()
+    command("labels", work, log, schema=LabelsConfig)
 
 
 if __name__ == "__main__":

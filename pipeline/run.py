@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline import images, sources
-from pipeline.config import AppConfig
+from pipeline.config import AppConfig, UserError
 from pipeline.grounding import Entity, parse
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,11 @@ SUMMARY = "_summary.json"
 PREVIEWS = "_previews"
 
 
-class RunAborted(RuntimeError):
+class RunAborted(UserError):
     """run.max_error_rate was exceeded; committed parts are kept."""
+
+    exit_code = 3
+    label = "Aborted: "
 
 
 @dataclass

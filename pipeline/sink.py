@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import ConfigError, UserError
+
 SETTINGS = "_settings.json"
 
 BOX = pa.struct([("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32())])
@@ -43,7 +45,7 @@ SCHEMA = pa.schema(
 PART = re.compile(r"^part-(\d{5})-(\d{5,})\.parquet$")
 
 
-class OutputError(ValueError):
+class OutputError(UserError):
     """The output folder cannot take this run; the message says why and the ways out."""
 
 
@@ -52,9 +54,19 @@ def output_schema(keep_fields: list[pa.Field]) -> pa.Schema:
     schema = SCHEMA
     for f in keep_fields:
         if f.name in SCHEMA.names:
-            raise ValueError(f"input.keep_columns: {f.name!r} clashes with an output column; rename it in the manifest")
+            raise ConfigError(f"input.keep_columns: {f.name!r} clashes with an output column; rename it in the manifest")
         schema = schema.append(f)
     return schema
+
+
+def existing_output(folder: str | None) -> Path:
+    """The output folder a reader of results (labels, gallery) was pointed at; it must hold parts."""
+    if not folder:
+        raise ConfigError("output.dir is not set: point it at a kosmos-annotate output folder")
+    path = Path(folder).expanduser()
+    if not committed_parts(path):
+        raise ConfigError(f"output.dir={folder!r} holds no part files: is it a kosmos-annotate output?")
+    return path
 
 
 def committed_parts(folder: Path, shard: int | None = None) -> list[Path]:

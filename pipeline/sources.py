@@ -15,10 +15,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import InputConfig
+from pipeline.config import InputConfig, UserError
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The input as a whole cannot be read; the message says which input and what to do."""
 
 

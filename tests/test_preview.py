@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from pipeline.grounding import Entity

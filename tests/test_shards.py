@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import InputConfig
 from pipeline.run import run
 from pipeline.sink import id_hashes
-from tests.conftest import EXAMPLES
 from tests.test_resume import many_images, rows_by_id  # noqa: F401  (fixture)
 from tests.test_run import config, model_overrides
 

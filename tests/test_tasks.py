@@ -5,7 +5,6 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.config import GROUND_PROMPT, ConfigError, InputConfig, TaskConfig
 from pipeline.run import run
