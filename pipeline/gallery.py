@@ -51,10 +51,7 @@ def _hex(index: int) -> str:
 def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> str | None:
     """The row's preview if the run made one, else the source image with boxes drawn; None if neither."""
     name = preview_name(row["id"])
-    entities = [
-        Entity(e["phrase"], e["start"], e["end"], [(b["x1"], b["y1"], b["x2"], b["y2"]) for b in e["boxes"]])
-        for e in row["entities"] or []
-    ]
+    entities = [Entity.from_row(e) for e in row["entities"] or []]
     for source in (folder / "_previews" / name, Path(row["source"])):
         try:
             with Image.open(source) as im:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 EOI_TOKEN = "</image>"
+BOX_FIELDS = ("x1", "y1", "x2", "y2")
 
 
 @dataclass
@@ -18,6 +19,14 @@ class Entity:
     start: int  # character span of `phrase` in the caption
     end: int
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # x1, y1, x2, y2 in [0, 1]
+
+    def as_row(self) -> dict:
+        """The entity as the output schema stores it."""
+        return {"phrase": self.phrase, "start": self.start, "end": self.end, "boxes": [dict(zip(BOX_FIELDS, b)) for b in self.boxes]}
+
+    @classmethod
+    def from_row(cls, row: dict) -> Entity:
+        return cls(row["phrase"], row["start"], row["end"], [tuple(b[k] for k in BOX_FIELDS) for b in row["boxes"]])
 
 
 def parse(text: str, patches_per_side: int = 32) -> tuple[str, list[Entity]]:

@@ -215,12 +215,12 @@ def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews
                 item,
                 prompt=item.prompt or cfg.prompt,
                 caption=caption,
-                entities=[_entity(e.phrase, e.start, e.end, e.boxes) for e in entities],
+                entities=[e.as_row() for e in entities],
                 token_ids=gen.token_ids,
             )
         row.update(width=d.width, height=d.height)
         if d.image is not None:
-            shown = [Entity(e["phrase"], e["start"], e["end"], [tuple(b.values()) for b in e["boxes"]]) for e in row["entities"]]
+            shown = [Entity.from_row(e) for e in row["entities"]]
             write_preview(previews, item.id, d.image, shown, cfg.preview.max_side, cfg.preview.quality)
         engine.times.add("grounding_preview", started)
         yield row
@@ -261,13 +261,9 @@ def _ground_row(model, item: sources.Item, phrases: list[str], gens: list) -> di
         boxes = next((e.boxes for e in found if " ".join(e.phrase.split()).lower() == wanted), [])
         start = len(caption) + (2 if caption else 0)
         caption = f"{caption}; {phrase}" if caption else phrase
-        entities.append(_entity(phrase, start, start + len(phrase), boxes))
+        entities.append(Entity(phrase, start, start + len(phrase), boxes).as_row())
         tokens += gen.token_ids
     return _row(item, prompt=GROUND_PROMPT, caption=caption, entities=entities, token_ids=tokens)
-
-
-def _entity(phrase: str, start: int, end: int, boxes) -> dict:
-    return {"phrase": phrase, "start": start, "end": end, "boxes": [dict(zip(("x1", "y1", "x2", "y2"), b)) for b in boxes]}
 
 
 def _row(item: sources.Item, **values) -> dict:
