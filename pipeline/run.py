@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,15 +121,14 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
     engine = Engine(model, cfg.engine)
     summary.load_seconds = round(time.perf_counter() - started, 2)
     loaded = time.perf_counter()
-    kinds: Counter = Counter()
     with _progress() as bar:
         for row in _rows(cfg, model, engine, _todo(cfg, done, summary), output_dir / PREVIEWS):
             sink.add(row)
             summary.items += 1
             if row["error"] is not None:
                 summary.errors += 1
-                kinds[images.error_kind(row["error"])] += 1
-                summary.errors_by_kind = dict(kinds)
+                kind = images.error_kind(row["error"])
+                summary.errors_by_kind[kind] = summary.errors_by_kind.get(kind, 0) + 1
             summary.entities += len(row["entities"] or [])
             summary.boxes += sum(len(e["boxes"]) for e in row["entities"] or [])
             summary.generated_tokens += len(row["token_ids"] or [])
@@ -146,11 +144,11 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
 
 def _todo(cfg: AppConfig, done, summary: Summary) -> Iterator[sources.Item]:
     """This shard's items not yet committed; a repeated id becomes an error row, never a silent drop."""
-    from pipeline.sink import id_hashes
+    from pipeline.sink import id_hash
 
     seen: set[int] = set()  # 64-bit hashes: a few tens of bytes an item
     for item in sources.iter_items(cfg.input):
-        h = int(id_hashes([item.id])[0])
+        h = id_hash(item.id)
         if h % cfg.input.num_shards != cfg.input.shard_index:
             continue
         if h in done:

@@ -74,12 +74,13 @@ def committed_parts(folder: Path, shard: int | None = None) -> list[Path]:
     return parts if shard is None else [p for p in parts if int(PART.match(p.name).group(1)) == shard]
 
 
+def id_hash(item_id: str) -> int:
+    """A stable 64-bit hash of an id (the same on every machine and Python): shards and the resume index."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def id_hashes(ids: list[str]) -> np.ndarray:
-    """A stable 64-bit hash per id (the same on every machine and Python): shards and the resume index."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") for i in ids],
-        dtype=np.uint64,
-    )
+    return np.array([id_hash(i) for i in ids], dtype=np.uint64)
 
 
 class DoneIds:
