@@ -95,10 +95,18 @@ def child_project(args) -> dict:
         add(self, row)
 
     sinks.ParquetSink.add = timed_add
+    if args.kv_cache:  # not an engine setting (the engine ties it to the precision): patched in to compare
+        import pipeline.model as pm
+
+        original = pm.compile_properties
+        pm.compile_properties = lambda c, precision, decoder=False: {
+            **original(c, precision, decoder), **({"KV_CACHE_PRECISION": args.kv_cache} if decoder else {})
+        }
     cfg = AppConfig(
         model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format=args.weight_format),
         engine=EngineConfig(
             precision=args.precision,
+            dynamic_quantization_group_size=args.dq,
             batch_size=args.batch_size,
             num_requests=args.num_requests,
             max_new_tokens=NEW_TOKENS,
@@ -147,10 +155,12 @@ def main() -> None:
     p.add_argument("--images-n", type=int, default=16)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-sweep", action="store_true")
-    p.add_argument("--only", default=None, help="one system: tf-fp32-b1, tf-bf16-b8, project-fp32, project-int8, project-int4")
+    p.add_argument("--only", default=None, help="one system: tf-fp32-b1, tf-bf16-b8, project-fp32, project-fp16, project-int8, project-int4")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--num-requests", type=int, default=0)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--dq", type=int, default=0, help="engine.dynamic_quantization_group_size")
+    p.add_argument("--kv-cache", default="", help="KV cache precision instead of the engine's (u8, bf16, f32)")
     # child mode
     p.add_argument("--child", default=None)
     p.add_argument("--result", default=None)
@@ -179,16 +189,16 @@ def main() -> None:
     images = CACHE / f"images-{args.images_n}"
     if not images.exists():
         make_images(images, args.images_n)
-    exports = {}
-    for fmt in ("fp32", "int8", "int4"):
-        exports[fmt] = str(ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / f"export-{fmt}"), weight_format=fmt)))
+    def export(fmt: str) -> str:
+        return str(ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / f"export-{fmt}"), weight_format=fmt)))
+
     common = {"checkpoint": checkpoint, "images": images}
     work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
 
     def project(fmt, batch_size=args.batch_size, num_requests=args.num_requests, precision=args.precision):
         return spawn(
-            "project", **common, model_dir=exports[fmt], weight_format=fmt, out=work / f"out-{fmt}",
-            batch_size=batch_size, num_requests=num_requests, precision=precision,
+            "project", **common, model_dir=export(fmt), weight_format=fmt, out=work / f"out-{fmt}",
+            batch_size=batch_size, num_requests=num_requests, precision=precision, dq=args.dq, kv_cache=args.kv_cache,
         )
 
     rows = {}
@@ -196,6 +206,7 @@ def main() -> None:
         "tf-fp32-b1": lambda: spawn("transformers", **common, dtype="fp32", batch_size=1),
         "tf-bf16-b8": lambda: spawn("transformers", **common, dtype="bf16", batch_size=8),
         "project-fp32": lambda: project("fp32"),
+        "project-fp16": lambda: project("fp16"),
         "project-int8": lambda: project("int8"),
         "project-int4": lambda: project("int4"),
     }
@@ -213,7 +224,7 @@ def main() -> None:
     # Cold start (no compiled-model cache) and warm start, with the default settings.
     import shutil
 
-    shutil.rmtree(Path(exports["int8"]) / "_cache", ignore_errors=True)
+    shutil.rmtree(Path(export("int8")) / "_cache", ignore_errors=True)
     rows["project-int8 cold start"] = project("int8")
     rows["project-int8 warm start"] = project("int8")
 

@@ -7,9 +7,11 @@ imports torch for the processor when it is installed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import EngineConfig
+from pipeline.locks import flock
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +43,112 @@ def num_requests(cfg: EngineConfig) -> int:
     return cfg.num_requests or max(1, threads(cfg) // 8)
 
 
-def compile_properties(cfg: EngineConfig, cache_dir: Path, decoder: bool = False) -> dict:
-    """OpenVINO properties for `cfg`. f32 must also pin the decoder's KV cache, which is u8 on CPU by default."""
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. `amx_bf16`); False where there is no such file."""
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def _has_bf16(device: str) -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+
+
+def layer_widths(export: Path) -> set[int]:
+    """The input widths of the exported model's fully connected layers (text, vision, projection)."""
+    config = json.loads((Path(export) / "config.json").read_text())
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    return {text["embed_dim"], text["ffn_dim"], vision["hidden_size"], vision["intermediate_size"]}
+
+
+def precision(cfg: EngineConfig, export: Path) -> str:
+    """What `engine.precision` means for this export on this machine.
+
+    `auto` picks bf16 where it keeps an image's tokens independent of its batch, neighbours and
+    requests in flight (tests/test_engine.py, bench/batch_invariance.py), else f32:
+    - fp32/fp16 weights: bf16 wherever the device computes bf16 natively;
+    - int8 weights: bf16 only where dynamic quantisation covers every layer (its group size divides
+      each layer's width, as 256 does for the real model) and the CPU has no AMX. Layers it does not
+      cover run kernels that decompress the weights to bf16 and are chosen by the number of rows, so
+      tokens changed with the batch; on AMX the plugin takes those kernels under bf16 anyway, and
+      they also changed tokens from run to run with two requests in flight (issue 9);
+    - int4 weights: f32.
+    """
+    if cfg.precision != "auto":
+        return cfg.precision
+    if not _has_bf16(cfg.device):
+        return "f32"
+    weight_format = json.loads((Path(export) / "manifest.json").read_text())["key"]["weight_format"]
+    if weight_format in ("fp32", "fp16"):
+        return "bf16"
+    group = cfg.dynamic_quantization_group_size
+    covered = group > 0 and all(width % group == 0 for width in layer_widths(export))
+    return "bf16" if weight_format == "int8" and covered and not cpu_has("amx_bf16") else "f32"
+
+
+def compile_properties(cfg: EngineConfig, precision: str, decoder: bool = False) -> dict:
+    """OpenVINO properties for `cfg` computing in `precision`. The decoder's KV cache is kept in the
+    same precision: the CPU's default u8 cache made tokens depend on the batch."""
     props = {
         "PERFORMANCE_HINT": "THROUGHPUT",
         "PERFORMANCE_HINT_NUM_REQUESTS": num_requests(cfg),  # as many streams as batches in flight
-        "CACHE_DIR": str(cache_dir),
         "INFERENCE_NUM_THREADS": threads(cfg),
+        "INFERENCE_PRECISION_HINT": precision,
+        "DYNAMIC_QUANTIZATION_GROUP_SIZE": cfg.dynamic_quantization_group_size,
     }
-    if cfg.precision != "auto":
-        props["INFERENCE_PRECISION_HINT"] = cfg.precision
-        if decoder:
-            props["KV_CACHE_PRECISION"] = cfg.precision
-    # Larger groups than OpenVINO's default (32) were measured 1.4x faster for vision and prefill here.
-    props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0 if cfg.precision == "f32" else cfg.dynamic_quantization_group_size
+    if decoder:
+        props["KV_CACHE_PRECISION"] = precision
     return props
+
+
+def cache_folder(root: Path, props: dict, device: str, core) -> Path:
+    """A compiled-blob folder of its own for each set of compile settings.
+
+    OpenVINO keys its cache on the model and the plugin's CACHING_PROPERTIES, which on CPU is only
+    the device name: a blob compiled for f32 was imported for bf16 (a crash or all-zero tokens on
+    AMX). So everything that shapes a blob names the folder: every compile property of each graph,
+    the device and its full name, and the OpenVINO version.
+    """
+    import openvino as ov
+
+    key = {
+        "graphs": props,
+        "device": device,
+        "device_name": core.get_property(device, "FULL_DEVICE_NAME"),
+        "openvino": ov.get_version(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = root / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file = folder / "settings.json"
+    if not key_file.exists():  # for a person looking into the cache
+        key_file.write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
+    return folder
+
+
+VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device OpenVINO does not list, before anything is loaded (`GPU`, `GPU.1`, `AUTO:GPU,CPU`)."""
+    import openvino as ov
+
+    from pipeline.config import ConfigError
+
+    available = ov.Core().available_devices
+    kind, _, listed = device.partition(":")
+    names = [n for n in listed.split(",") if n] if kind in VIRTUAL_DEVICES else [device]
+    known = set(available) | {d.split(".")[0] for d in available}
+    unknown = [n for n in names if n not in known]
+    if unknown or not device:
+        raise ConfigError(
+            f"engine.device={device!r}: OpenVINO on this machine has no {', '.join(unknown) or 'device'}; "
+            f"it lists {', '.join(available)}"
+        )
 
 
 class KosmosModel:
@@ -67,13 +161,18 @@ class KosmosModel:
         self.path = Path(path)
         self.cfg = cfg
         core = ov.Core()
-        cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else self.path / "_cache"
-        props = compile_properties(cfg, cache_dir)
-        self.image_encoder = core.compile_model(self.path / "image_encoder.xml", cfg.device, props)
-        self.token_embedder = core.compile_model(self.path / "token_embedder.xml", cfg.device, props)
-        self.text_decoder = core.compile_model(
-            self.path / "text_decoder.xml", cfg.device, compile_properties(cfg, cache_dir, decoder=True)
-        )
+        self.precision = precision(cfg, self.path)
+        props = compile_properties(cfg, self.precision)
+        decoder_props = compile_properties(cfg, self.precision, decoder=True)
+        root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else self.path / "_cache"
+        folder = cache_folder(root, decoder_props, cfg.device, core)
+        cache = {"CACHE_DIR": str(folder)}
+        # OpenVINO writes a blob in place and maps it when importing: a shard importing a blob that
+        # another shard is still writing died with SIGBUS. One process compiles a folder at a time.
+        with flock(folder / ".lock"):
+            self.image_encoder = core.compile_model(self.path / "image_encoder.xml", cfg.device, {**props, **cache})
+            self.token_embedder = core.compile_model(self.path / "token_embedder.xml", cfg.device, {**props, **cache})
+            self.text_decoder = core.compile_model(self.path / "text_decoder.xml", cfg.device, {**decoder_props, **cache})
 
         self.processor = AutoProcessor.from_pretrained(self.path)
         config = json.loads((self.path / "config.json").read_text())
@@ -81,14 +180,21 @@ class KosmosModel:
         self.pad_token_id = int(text.get("pad_token_id", 1))
         self.eos_token_id = int(text.get("eos_token_id", 2))
         self._blank = None
+        # Engine threads encode prompts while the main thread decodes text: a fast (Rust) tokenizer
+        # is not safe to share between threads ("Already borrowed"), so one caller at a time.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def num_requests(self) -> int:
         return num_requests(self.cfg)
 
-    @lru_cache(maxsize=4096)
     def encode_prompt(self, prompt: str) -> Prompt:
         """Token ids exactly as `Kosmos2Processor(text=prompt, images=...)` makes them (cached per prompt)."""
+        with self._tokenizer_lock:
+            return self._encode_prompt(prompt)
+
+    @lru_cache(maxsize=4096)
+    def _encode_prompt(self, prompt: str) -> Prompt:
         from PIL import Image
 
         if self._blank is None:
@@ -104,7 +210,8 @@ class KosmosModel:
 
         The 64 image placeholders decode to arbitrary pieces, so they never reach the text.
         """
-        eoi = self.processor.tokenizer.convert_tokens_to_ids(self.processor.eoi_token)
-        ids = list(prompt_ids)
-        start = ids.index(eoi) if eoi in ids else 0
-        return self.processor.tokenizer.decode(ids[start:] + list(generated), skip_special_tokens=True)
+        with self._tokenizer_lock:
+            eoi = self.processor.tokenizer.convert_tokens_to_ids(self.processor.eoi_token)
+            ids = list(prompt_ids)
+            start = ids.index(eoi) if eoi in ids else 0
+            return self.processor.tokenizer.decode(ids[start:] + list(generated), skip_special_tokens=True)

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine, Request, Sequences
 from pipeline.grounding import parse
-from pipeline.model import KosmosModel
+from pipeline.model import KosmosModel, precision
 from tests.conftest import PROMPT, TRAINED_CAPTIONS, EXAMPLES, example_images, load_rgb, pixel_values
 
 PROMPTS = [
@@ -182,10 +182,188 @@ def test_trained_captions_and_entities_come_back(trained_export, trained_checkpo
 
 
 def test_bf16_runs_close_to_f32(trained_export, processor):
-    """bf16 (the AMX path) is not held to parity, but the trained model's captions survive it."""
+    """bf16 (opt-in) is not held to parity, but the trained model's captions survive it."""
     cfg = EngineConfig(precision="bf16")
     eng = Engine(KosmosModel(trained_export, cfg), cfg)
     reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
     f32 = {o.tag: o.token_ids for o in engine(trained_export).generate(reqs)}
     bf16 = {o.tag: o.token_ids for o in eng.generate(reqs)}
     assert sum(f32[n] == bf16[n] for n in f32) >= len(f32) - 1
+
+
+# --------------------------------------------------------------------------- the shipped defaults
+
+
+def distinct_prompt_requests(processor, n: int) -> list[Request]:
+    """n requests, each with its own prompt (so each batch mixes prompt lengths), over the example photos."""
+    from tests.tiny import WORDS
+
+    pixels = [pixel_values(processor, load_rgb(p)) for p in example_images()]
+    prompts = [f"{PROMPT} {WORDS[i % len(WORDS)]}" + f" {WORDS[(7 * i) % len(WORDS)]}" * (i % 3) for i in range(n)]
+    return [Request(pixels[i % len(pixels)], prompt, tag=i) for i, prompt in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def trained_int8(trained_checkpoint, export_of, tmp_path_factory):
+    """The trained model in the default weight format."""
+    return export_of(trained_checkpoint, tmp_path_factory.mktemp("trained_int8") / "int8", "int8")
+
+
+@pytest.fixture(scope="module")
+def wide_int8(processor, export_of, tmp_path_factory):
+    """A random model whose layer widths are multiples of 256, as the real model's are, in int8: the
+    default dynamic quantisation covers all of its layers, so `auto` computes it in bf16 where the CPU can."""
+    from tests.tiny import make_random_model, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("wide")
+    checkpoint = save_checkpoint(make_random_model(len(processor.tokenizer), width=256, vision_width=256), processor, folder / "ckpt")
+    return export_of(checkpoint, folder / "int8", "int8")
+
+
+@pytest.mark.parametrize("model", ["trained_int8", "wide_int8"])
+def test_defaults_give_tokens_independent_of_batch_and_requests(model, request, processor):
+    """The shipped defaults (int8 weights, precision=auto, the default dynamic quantisation): an image's
+    tokens do not depend on its batch, its neighbours or the requests in flight, whatever `auto`
+    resolves to for the model (f32 for the trained model's narrow layers, bf16 for the wide one on
+    CPUs with bf16 but no AMX). Before, auto was bf16 everywhere: on AMD 8 of 600 rows of the trained
+    model changed at batch 2, on AMX most rows under two requests."""
+    export = request.getfixturevalue(model)
+    reqs = distinct_prompt_requests(processor, 120)
+    runs = {}
+    for requests, batch in [(1, 1), (2, 1), (1, 2), (1, 3), (2, 4), (1, 16)]:
+        cfg = EngineConfig(num_requests=requests, batch_size=batch, max_new_tokens=6)
+        runs[requests, batch] = [o.token_ids for o in Engine(KosmosModel(export, cfg), cfg).generate(reqs)]
+    assert len({tuple(t) for t in runs[1, 1]}) > 10  # varied text, so equality below means something
+    for key, tokens in runs.items():
+        differing = [i for i, (a, b) in enumerate(zip(tokens, runs[1, 1])) if a != b]
+        assert not differing, f"{precision(EngineConfig(), export)}, {key[0]} requests x batch {key[1]}: rows {differing[:10]} differ"
+
+
+def test_auto_precision_follows_the_weights_and_the_cpu(trained_int8, wide_int8, trained_export):
+    bf16 = "BF16" in __import__("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    amx = "amx_bf16" in open("/proc/cpuinfo").read().split()
+    auto = EngineConfig()
+    assert precision(auto, trained_int8) == "f32"  # 256 divides none of its widths (32 to 128)
+    assert precision(auto, wide_int8) == ("bf16" if bf16 and not amx else "f32")
+    assert precision(EngineConfig(dynamic_quantization_group_size=0), wide_int8) == "f32"
+    assert precision(EngineConfig(dynamic_quantization_group_size=32), trained_int8) == ("bf16" if bf16 and not amx else "f32")
+    assert precision(auto, trained_export) == ("bf16" if bf16 else "f32")  # fp32 weights
+    assert precision(EngineConfig(precision="f32"), wide_int8) == "f32"
+
+
+def test_defaults_keep_the_trained_captions_and_entities(trained_int8, trained_checkpoint, processor):
+    """int8 weights with the default engine settings say what transformers (fp32) says: all images but
+    at most one exactly, captions and boxes."""
+    model = hf_model(trained_checkpoint)
+    cfg = EngineConfig()
+    eng = Engine(KosmosModel(trained_int8, cfg), cfg)
+    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
+    same = 0
+    for out in eng.generate(reqs):
+        got = parse(eng.model.text_after_image(out.prompt_ids, out.token_ids))
+        ref_ids = hf_generate(model, processor, load_rgb(EXAMPLES / out.tag), PROMPT, max_new_tokens=128)
+        enc = processor(text=PROMPT, images=load_rgb(EXAMPLES / out.tag))
+        ref_caption, ref_entities = processor.post_process_generation(
+            processor.batch_decode([enc["input_ids"] + ref_ids], skip_special_tokens=True)[0]
+        )
+        same += got[0] == ref_caption and [(e.phrase, (e.start, e.end), e.boxes) for e in got[1]] == ref_entities
+    assert same >= len(TRAINED_CAPTIONS) - 1
+
+
+# --------------------------------------------------------------------------- the compiled-model cache
+
+SETTINGS_IN_TURN = [
+    dict(precision="f32"),
+    dict(),  # the defaults: precision=auto
+    dict(precision="bf16"),
+    dict(precision="f32", dynamic_quantization_group_size=0),
+    dict(precision="f32"),
+]
+
+
+def tokens_of(export, reqs, **settings) -> list[list[int]]:
+    cfg = EngineConfig(**settings)
+    return [o.token_ids for o in Engine(KosmosModel(export, cfg), cfg).generate(reqs)]
+
+
+def test_compiled_cache_keeps_settings_apart_in_one_process(trained_int8, processor, tmp_path):
+    """Settings compiled one after another into one cache each get their own blobs and the tokens of a
+    compile without cache. OpenVINO's CPU cache key holds only the device name: before, bf16 imported
+    the f32 blob (on AMX: a crash or all-zero tokens)."""
+    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
+    shared = tmp_path / "cache"
+    folders = []
+    for k, settings in enumerate(SETTINGS_IN_TURN):
+        fresh = tokens_of(trained_int8, reqs, cache_dir=str(tmp_path / f"fresh{k}"), **settings)
+        assert tokens_of(trained_int8, reqs, cache_dir=str(shared), **settings) == fresh, settings
+        folders.append(next(p for p in (tmp_path / f"fresh{k}").iterdir()).name)
+    # One folder per distinct resolved setting (auto is bf16 or f32 here), reused when asked again.
+    resolved = [(precision(EngineConfig(**s), trained_int8), EngineConfig(**s).dynamic_quantization_group_size) for s in SETTINGS_IN_TURN]
+    assert [folders.index(f) for f in folders] == [resolved.index(r) for r in resolved]
+    assert sorted(p.name for p in shared.iterdir()) == sorted(set(folders))
+    assert all(len(list((shared / f).glob("*.blob"))) == 3 for f in set(folders))
+
+
+def test_compiled_cache_keeps_settings_apart_across_processes(trained_int8, processor):
+    """The user's path: one process with precision=f32, then new processes with the defaults and bf16,
+    all on the export's own cache; each gets the tokens it gets without a cache."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.test_run import REPO
+
+    names = list(TRAINED_CAPTIONS)
+    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in names]
+    code = (
+        "import json, sys; from pathlib import Path; from tests.test_engine import *; from tests.tiny import make_processor;"
+        "p = make_processor();"
+        "reqs = [Request(pixel_values(p, load_rgb(EXAMPLES / n)), PROMPT) for n in json.loads(sys.argv[2])];"
+        "print(json.dumps(tokens_of(Path(sys.argv[1]), reqs, **json.loads(sys.argv[3]))))"
+    )
+    for settings in SETTINGS_IN_TURN[:3]:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(trained_int8), json.dumps(names), json.dumps(settings)],
+            capture_output=True, text=True, cwd=REPO, timeout=300,
+        )
+        assert proc.returncode == 0, f"{settings}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        fresh = tokens_of(trained_int8, reqs, cache_dir=tempfile.mkdtemp(), **settings)
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == fresh, settings
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_the_processor_is_used_by_one_thread_at_a_time(random_export, processor, monkeypatch):
+    """Engine threads encode prompts while the main thread decodes text; a fast tokenizer shared that
+    way can fail ("Already borrowed"), so every use of it is serialised. Checked by a tokenizer that
+    notices two callers at once (it sleeps inside, so an overlap would be seen)."""
+    import threading
+    import time
+
+    cfg = EngineConfig(precision="f32", num_requests=2, batch_size=1, max_new_tokens=3)
+    model = KosmosModel(random_export, cfg)
+    tokenizer = model.processor.tokenizer
+    inside, overlaps, lock = [0], [0], threading.Lock()
+
+    def guarded(method):
+        def call(*args, **kwargs):
+            with lock:
+                inside[0] += 1
+                overlaps[0] += inside[0] > 1
+            time.sleep(0.002)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        return call
+
+    for name in ("__call__", "decode", "convert_tokens_to_ids"):
+        monkeypatch.setattr(type(tokenizer), name, guarded(getattr(type(tokenizer), name)))
+    eng = Engine(model, cfg)
+    for out in eng.generate(distinct_prompt_requests(processor, 40)):
+        model.text_after_image(out.prompt_ids, out.token_ids)
+    assert overlaps[0] == 0

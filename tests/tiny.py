@@ -53,7 +53,7 @@ def make_processor(vocab_size: int | None = None):
     return Kosmos2Processor(image_processor, make_tokenizer(vocab_size))
 
 
-def tiny_config(vocab_size: int, width: int = 64, layers: int = 2, heads: int = 4):
+def tiny_config(vocab_size: int, width: int = 64, layers: int = 2, heads: int = 4, vision_width: int = 32):
     from transformers import Kosmos2Config
 
     return Kosmos2Config(
@@ -66,8 +66,8 @@ def tiny_config(vocab_size: int, width: int = 64, layers: int = 2, heads: int = 
             max_position_embeddings=512,
         ),
         vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
             num_hidden_layers=2,
             num_attention_heads=4,
             image_size=224,
@@ -85,7 +85,7 @@ def make_model(config, seed: int = 0):
     return Kosmos2ForConditionalGeneration(config).eval()
 
 
-def make_random_model(vocab_size: int, seed: int = 1, scale: float = 2.0):
+def make_random_model(vocab_size: int, seed: int = 1, scale: float = 2.0, width: int = 64, vision_width: int = 32):
     """A random tiny model whose greedy text varies from token to token.
 
     With the default init and tied embeddings, the current token dominates the logits and greedy
@@ -94,7 +94,7 @@ def make_random_model(vocab_size: int, seed: int = 1, scale: float = 2.0):
     """
     import torch
 
-    config = tiny_config(vocab_size)
+    config = tiny_config(vocab_size, width=width, vision_width=vision_width)
     config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
     model = make_model(config, seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -111,3 +111,49 @@ def save_checkpoint(model, processor, folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# What the trained tiny model learns to say about each example image (after the prompt).
+TRAINED_CAPTIONS = {
+    "chelsea.png": "<phrase> a cat</phrase><object><patch_index_0044><patch_index_0863></object> sitting on"
+    "<phrase> a mat</phrase><object><patch_index_0005><patch_index_0911></object>.",
+    "astronaut.png": "<phrase> a person</phrase><object><patch_index_0100><patch_index_0500></object> next to"
+    "<phrase> a rocket</phrase><object><patch_index_0010><patch_index_0330>"
+    "</delimiter_of_multi_objects/><patch_index_0600><patch_index_0990></object>.",
+    "coffee.png": "<phrase> a coffee cup</phrase><object><patch_index_0200><patch_index_0800></object> on a table.",
+    "rocket.jpg": " a rocket in the sky.",
+}
+PROMPT = "<grounding>An image of"
+
+
+def make_trained_model(processor, images_dir: Path):
+    """A tiny Kosmos-2 trained (a few hundred steps, seconds) to say TRAINED_CAPTIONS for the images
+    of that name in `images_dir`: grounded text whose errors show, unlike a random model's."""
+    import torch
+    from PIL import Image
+
+    config = tiny_config(len(processor.tokenizer), width=64)
+    config.text_config.dropout = config.text_config.attention_dropout = config.text_config.activation_dropout = 0.0
+    model = make_model(config, seed=0)
+    images = []
+    for name in TRAINED_CAPTIONS:
+        with Image.open(images_dir / name) as im:
+            images.append(im.convert("RGB"))
+    texts = [PROMPT + caption for caption in TRAINED_CAPTIONS.values()]
+    batch = processor(text=texts, images=images, add_eos_token=True, padding=True, return_tensors="pt")
+    prompt_len = len(processor(text=PROMPT, images=images[0])["input_ids"])
+    labels = batch["input_ids"].clone()
+    labels[:, :prompt_len] = -100
+    labels[batch["attention_mask"] == 0] = -100
+
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 2e-3:
+            break
+    return model.eval()
