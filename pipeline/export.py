@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.locks import flock
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +92,32 @@ def stale_reason(cfg: ModelConfig, path: Path) -> str | None:
 
 
 def ensure_export(cfg: ModelConfig) -> Path:
-    """Export unless `model.dir` already holds a matching export; returns the folder."""
+    """Export unless `model.dir` already holds a matching export; returns the folder.
+
+    Shards started together (a cluster job, `-m cluster=local`) would each export the checkpoint:
+    an flock beside the folder lets exactly one export while the others wait and then load it.
+    """
     cfg.validate()
     path = export_dir(cfg)
-    reason = stale_reason(cfg, path)
-    if reason is None:
+    if stale_reason(cfg, path) is None:
         log.info("Using the export in %s", path)
         return path
-    log.info(
-        "No usable export in %s (%s): exporting %s as %s first; the real model takes about a minute",
-        path, reason, cfg.source, cfg.weight_format,
-    )
-    _export(cfg, path)
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        with flock(lock, blocking=False):
+            pass
+    except BlockingIOError:
+        log.info("Another process is exporting to %s; waiting for it", path)
+    with flock(lock, blocking=True):
+        reason = stale_reason(cfg, path)
+        if reason is None:
+            log.info("Using the export in %s", path)
+            return path
+        log.info(
+            "No usable export in %s (%s): exporting %s as %s first; the real model takes about a minute",
+            path, reason, cfg.source, cfg.weight_format,
+        )
+        _export(cfg, path)
     return path
 
 

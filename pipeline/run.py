@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline import images, sources
-from pipeline.config import AppConfig, UserError
+from pipeline.config import AppConfig, ConfigError, UserError
 from pipeline.grounding import Entity, parse
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,26 @@ class Summary:
 
 def prepare(cfg: AppConfig) -> None:
     """Everything that can fail on the config or the input as a whole, before anything is written."""
+    from pipeline.model import check_device
+
     cfg.validate()
+    check_device(cfg.engine.device)
     sources.check(cfg.input)
 
 
-def result_settings(cfg: AppConfig) -> dict:
-    """The settings that change what a row says: one output folder holds results of one setting."""
+def result_settings(cfg: AppConfig, model_dir: Path) -> dict:
+    """The settings that change what a row says: one output folder holds results of one setting.
+    The precision is recorded as resolved (`auto` -> bf16 or f32 on this machine), so a resume on a
+    machine where `auto` means something else is refused instead of mixing results."""
+    from pipeline.model import precision
+
     return {
         "model.source": cfg.model.source,
         "model.revision": cfg.model.revision,
         "model.weight_format": cfg.model.weight_format,
-        "engine.precision": cfg.engine.precision,
+        "engine.device": cfg.engine.device,
+        "engine.precision": precision(cfg.engine, model_dir),
+        "engine.dynamic_quantization_group_size": cfg.engine.dynamic_quantization_group_size,
         "engine.max_new_tokens": cfg.engine.max_new_tokens,
         "engine.min_new_tokens": cfg.engine.min_new_tokens,
         "prompt": cfg.prompt,
@@ -77,6 +86,23 @@ def result_settings(cfg: AppConfig) -> dict:
     }
 
 
+# <s> <image>, 64 image positions, </image>: what every prompt holds before its text.
+IMAGE_PROMPT_TOKENS = 67
+
+
+def check_positions(cfg, model_dir: Path) -> None:
+    """The decoder's position table bounds prompt plus generated tokens: refuse a max_new_tokens
+    that cannot fit before anything is loaded, instead of failing mid-run."""
+    config = json.loads((model_dir / "config.json").read_text())
+    table = int(config.get("text_config", {}).get("max_position_embeddings", 2048))
+    room = table - IMAGE_PROMPT_TOKENS
+    if cfg.max_new_tokens > room:
+        raise ConfigError(
+            f"engine.max_new_tokens={cfg.max_new_tokens} does not fit the model's {table} positions "
+            f"({IMAGE_PROMPT_TOKENS} go to the image prompt): use at most {room} less the prompt's own tokens"
+        )
+
+
 def run(cfg: AppConfig, output_dir: Path) -> Summary:
     from pipeline import sink as sinks
     from pipeline.export import ensure_export
@@ -85,9 +111,10 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
     prepare(cfg)
     schema = sinks.output_schema(sources.keep_schema(cfg.input))
     model_dir = ensure_export(cfg.model)  # may fail on the checkpoint: before the output folder is touched
+    check_positions(cfg.engine, model_dir)
     shard = cfg.input.shard_index
     with sinks.exclusive(output_dir, shard):
-        sinks.prepare_folder(output_dir, cfg.output.mode, shard, result_settings(cfg))
+        sinks.prepare_folder(output_dir, cfg.output.mode, shard, cfg.input.num_shards, result_settings(cfg, model_dir))
         done = sinks.DoneIds(output_dir)
         if len(done):
             log.info("Resuming: %d items are already in %s and will be skipped", len(done), output_dir)

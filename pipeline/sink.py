@@ -8,7 +8,6 @@ The committed parts are also the resume index: their ids are what a rerun skips.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, UserError
+from pipeline.locks import flock
 
 SETTINGS = "_settings.json"
 
@@ -104,53 +104,56 @@ class DoneIds:
 
 @contextmanager
 def exclusive(folder: Path, shard: int) -> Iterator[None]:
-    """Hold this shard of the folder for the whole run. flock dies with its process, even on SIGKILL,
-    so a killed run never leaves the folder stuck."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Hold this shard of the folder for the whole run; a second run on it is refused, naming the holder."""
     path = folder / f".lock-{shard:05d}"
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise OutputError(
-                f"output.dir={str(folder)!r} shard {shard} is being written by {holder}; wait for that run "
-                "to finish (a rerun then resumes where it stopped) or choose another output.dir"
-            ) from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
-        try:
+    try:
+        with flock(path, blocking=False) as f:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError:
+        holder = path.read_text().strip() or "another process"
+        raise OutputError(
+            f"output.dir={str(folder)!r} shard {shard} is being written by {holder}; wait for that run "
+            "to finish (a rerun then resumes where it stopped) or choose another output.dir"
+        ) from None
 
 
-def prepare_folder(folder: Path, mode: str, shard: int, settings: dict) -> None:
-    """Apply output.mode, and refuse to mix results made with different settings in one folder."""
-    parts = committed_parts(folder)
-    if mode == "error" and parts:
-        raise OutputError(
-            f"output.dir={str(folder)!r} already holds {len(parts)} part files and output.mode=error; "
-            "use output.mode=resume to continue it, output.mode=overwrite to start again, or another output.dir"
-        )
-    if mode == "overwrite":
-        for part in committed_parts(folder, shard):
-            part.unlink()
-    recorded_path = folder / SETTINGS
-    recorded = json.loads(recorded_path.read_text()) if recorded_path.exists() else None
-    if recorded is not None and recorded != settings and mode == "resume" and parts:
-        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
-        detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise OutputError(
-            f"output.dir={str(folder)!r} holds results made with other settings ({detail}); set them back, "
-            "use output.mode=overwrite to start again, or choose another output.dir"
-        )
-    if recorded != settings:
-        tmp = folder / f".{SETTINGS}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-        os.replace(tmp, recorded_path)
+def prepare_folder(folder: Path, mode: str, shard: int, num_shards: int, settings: dict) -> None:
+    """Apply output.mode, and keep one result set per folder: results of other settings never mix.
+
+    overwrite removes this shard's parts, the parts of shards beyond `num_shards`, and, when the
+    recorded settings differ, every part: shards of one multirun start together and must not remove
+    each other's fresh parts, but nothing made with other settings may stay. Shards prepare the folder
+    one at a time.
+    """
+    with flock(folder / ".lock-settings", blocking=True):
+        parts = committed_parts(folder)
+        if mode == "error" and parts:
+            raise OutputError(
+                f"output.dir={str(folder)!r} already holds {len(parts)} part files and output.mode=error; "
+                "use output.mode=resume to continue it, output.mode=overwrite to start again, or another output.dir"
+            )
+        recorded_path = folder / SETTINGS
+        recorded = json.loads(recorded_path.read_text()) if recorded_path.exists() else None
+        if mode == "overwrite":
+            for part in parts:
+                part_shard = int(PART.match(part.name).group(1))
+                if recorded != settings or part_shard == shard or part_shard >= num_shards:
+                    part.unlink()
+            parts = committed_parts(folder)
+        if recorded is not None and recorded != settings and parts:
+            changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+            detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise OutputError(
+                f"output.dir={str(folder)!r} holds results made with other settings ({detail}); set them back, "
+                "use output.mode=overwrite to start again (it removes those results), or choose another output.dir"
+            )
+        if recorded != settings:
+            tmp = folder / f".{SETTINGS}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+            os.replace(tmp, recorded_path)
 
 
 class ParquetSink:

@@ -53,14 +53,7 @@ def check(cfg: InputConfig) -> None:
             exts = ", ".join(cfg.extensions)
             raise InputError(f"input.path={cfg.path!r} holds no images ({exts}); see input.extensions")
     else:
-        files = manifest_files(cfg.path)
-        schema = _schema(files[0])
-        missing = [c for c in _wanted_columns(cfg) if c not in schema.names]
-        if missing:
-            raise InputError(
-                f"manifest {str(files[0])!r} has no column {', '.join(map(repr, missing))}; "
-                f"its columns are: {', '.join(schema.names)}"
-            )
+        check_manifests(cfg)
 
 
 # --------------------------------------------------------------------------- folders
@@ -106,6 +99,38 @@ def manifest_files(path: str) -> list[Path]:
     return files
 
 
+def manifest_root(path: str) -> Path:
+    """What manifest files are named relative to: the folder given, a file's folder, or a glob's fixed part."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.is_file():
+        return p.parent
+    fixed = [part for part in p.parts[: next(i for i, part in enumerate(p.parts) if glob.has_magic(part))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def check_manifests(cfg: InputConfig) -> None:
+    """Every file has the needed columns, and kept columns have one type: checked before anything is
+    written (the footers only), so a bad file cannot stop the run halfway, at the same place each rerun."""
+    files = manifest_files(cfg.path)
+    first = _schema(files[0])
+    for file in files:
+        schema = first if file == files[0] else _schema(file)
+        missing = [c for c in _wanted_columns(cfg) if c not in schema.names]
+        if missing:
+            raise InputError(
+                f"manifest {str(file)!r} has no column {', '.join(map(repr, missing))}; "
+                f"its columns are: {', '.join(schema.names)}"
+            )
+        for c in cfg.keep_columns:
+            if schema.field(c).type != first.field(c).type:
+                raise InputError(
+                    f"manifest {str(file)!r}: kept column {c!r} is {schema.field(c).type}, but "
+                    f"{str(files[0])!r} has {first.field(c).type}; one output column takes one type"
+                )
+
+
 def _schema(file: Path):
     import pyarrow.parquet as pq
 
@@ -129,24 +154,25 @@ def keep_schema(cfg: InputConfig) -> list:
 
 
 def manifest_items(cfg: InputConfig, batch_rows: int = 1024) -> Iterator[Item]:
+    """Rows of every file in order. A row is known by its file (relative to the manifest's root) and
+    its row in that file, so adding a file never renames the rows of the others."""
     import pyarrow.parquet as pq
 
     columns = _wanted_columns(cfg)
-    row = 0
+    root = manifest_root(cfg.path)
     for file in manifest_files(cfg.path):
-        base = file.parent
+        name = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
         with pq.ParquetFile(file) as pf:
-            missing = [c for c in columns if c not in pf.schema_arrow.names]
-            if missing:
-                raise InputError(f"manifest {str(file)!r} has no column {', '.join(map(repr, missing))}")
+            row = 0
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 data = batch.to_pydict()
                 for i in range(batch.num_rows):
-                    yield _manifest_item(cfg, file, base, row, {c: data[c][i] for c in columns})
+                    yield _manifest_item(cfg, file, name, row, {c: data[c][i] for c in columns})
                     row += 1
 
 
-def _manifest_item(cfg: InputConfig, file: Path, base: Path, row: int, values: dict) -> Item:
+def _manifest_item(cfg: InputConfig, file: Path, name: str, row: int, values: dict) -> Item:
+    """One row. Without an id column the id is the image's path, else `<file>#<row>` (bytes rows)."""
     image = values[cfg.image_column]
     path, data = None, None
     if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
@@ -157,11 +183,11 @@ def _manifest_item(cfg: InputConfig, file: Path, base: Path, row: int, values: d
         path = image
     resolved = None
     if path and data is None:
-        resolved = str(Path(path).expanduser() if Path(path).expanduser().is_absolute() else base / path)
+        resolved = str(Path(path).expanduser() if Path(path).expanduser().is_absolute() else file.parent / path)
     source = resolved or f"{file}#{row}"
-    item_id = values.get(cfg.id_column) if cfg.id_column else (path or str(row))
+    item_id = values.get(cfg.id_column) if cfg.id_column else (path or f"{name}#{row}")
     item = Item(
-        id=str(item_id) if item_id is not None else str(row),
+        id=str(item_id) if item_id is not None else f"{name}#{row}",
         source=source,
         path=resolved,
         data=data,

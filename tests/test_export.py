@@ -70,12 +70,43 @@ def test_stale_exports_are_detected(random_checkpoint, random_export, tmp_path):
         f.truncate(100)
     assert "text_decoder.bin" in export.stale_reason(cfg, truncated)
 
+
+
+def test_a_checkpoint_changed_in_place_is_re_exported(random_checkpoint, tmp_path):
+    """The user's case: the same checkpoint folder, retrained (new weights) or reconfigured."""
     checkpoint = copy_export(random_checkpoint, tmp_path / "ckpt")
+    cfg = ModelConfig(source=str(checkpoint), dir=str(tmp_path / "model"), weight_format="fp32")
+    export.ensure_export(cfg)
+    assert export.stale_reason(cfg, tmp_path / "model") is None
+
     config = json.loads((checkpoint / "config.json").read_text())
     config["text_config"]["layer_norm_eps"] = 1e-6
     (checkpoint / "config.json").write_text(json.dumps(config))
-    moved = ModelConfig(source=str(checkpoint), dir=str(random_export), weight_format="fp32")
-    assert "config_sha256" in export.stale_reason(moved, random_export) or "source" in export.stale_reason(moved, random_export)
+    assert export.stale_reason(cfg, tmp_path / "model").startswith("config_sha256 changed")
+    export.ensure_export(cfg)
+    assert export.stale_reason(cfg, tmp_path / "model") is None
+
+    weights = checkpoint / "model.safetensors"
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 60))  # saved again
+    assert export.stale_reason(cfg, tmp_path / "model").startswith("weights changed")
+
+
+def test_shards_started_together_export_once(random_checkpoint, tmp_path):
+    """Three processes asking for the same missing export: one exports, two wait for it and load it."""
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
+        "from pipeline.config import ModelConfig; from pipeline.export import ensure_export;"
+        f"print('READY', ensure_export(ModelConfig(source={str(random_checkpoint)!r}, dir={str(tmp_path / 'model')!r}, weight_format='fp32')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    outs = [c.communicate(timeout=300) for c in children]
+    assert all(c.returncode == 0 for c in children), [e[-2000:] for _, e in outs]
+    logs = "".join(o for o, _ in outs)
+    assert logs.count("Exported to") == 1, logs
+    assert logs.count(f"READY {tmp_path / 'model'}") == 3
+    assert export.stale_reason(ModelConfig(source=str(random_checkpoint), weight_format="fp32"), tmp_path / "model") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]  # no temporary folder left
 
 
 def test_half_written_export_is_redone(random_checkpoint, random_export, tmp_path):
@@ -85,7 +116,7 @@ def test_half_written_export_is_redone(random_checkpoint, random_export, tmp_pat
     cfg = ModelConfig(source=str(random_checkpoint), dir=str(target), weight_format="fp32")
     assert export.ensure_export(cfg) == target
     assert export.stale_reason(cfg, target) is None
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".model.lock"]  # no temporary folder left
 
 
 def test_changed_weight_format_re_exports_in_place(random_checkpoint, random_export, tmp_path):

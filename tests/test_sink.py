@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sink import SCHEMA, ParquetSink, committed_parts, output_schema
+from pipeline.sink import SCHEMA, SETTINGS, OutputError, ParquetSink, committed_parts, output_schema, prepare_folder
 
 
 def row(i: int, **extra) -> dict:
@@ -58,3 +60,56 @@ def test_kept_columns_follow_the_contract_and_may_not_clash():
     assert schema.names == SCHEMA.names + ["label"]
     with pytest.raises(ValueError, match="'caption' clashes"):
         output_schema([pa.field("caption", pa.string())])
+
+
+def _part(folder, shard, n):
+    pq.write_table(pa.Table.from_pylist([], schema=SCHEMA), folder / f"part-{shard:05d}-{n:05d}.parquet")
+
+
+def test_overwrite_leaves_one_result_set(tmp_path):
+    """overwrite with new settings removes every shard's parts (none of the old setting may stay);
+    with the settings recorded it removes its own shard's and those of shards beyond num_shards, and
+    keeps the parts that its sibling shards of the same multirun just wrote."""
+    old, new = {"prompt": "a"}, {"prompt": "b"}
+    for shard in range(3):
+        _part(tmp_path, shard, 0)
+    prepare_folder(tmp_path, "resume", 0, 3, old)
+    prepare_folder(tmp_path, "overwrite", 1, 2, new)
+    assert committed_parts(tmp_path) == []
+    assert json.loads((tmp_path / SETTINGS).read_text()) == new
+
+    for shard in range(3):
+        _part(tmp_path, shard, 0)
+    prepare_folder(tmp_path, "overwrite", 0, 2, new)  # shard 1 of this multirun keeps its part; shard 2 is gone
+    assert [p.name for p in committed_parts(tmp_path)] == ["part-00001-00000.parquet"]
+
+
+def test_settings_guard_names_each_changed_setting(tmp_path):
+    from pipeline.config import AppConfig, EngineConfig
+    from pipeline.model import precision
+    from pipeline.run import result_settings
+
+    export = tmp_path / "export"  # what the guard reads of an export: its weight format and widths
+    export.mkdir()
+    (export / "manifest.json").write_text(json.dumps({"key": {"weight_format": "int8"}}))
+    widths = {"embed_dim": 256, "ffn_dim": 512}, {"hidden_size": 256, "intermediate_size": 512}
+    (export / "config.json").write_text(json.dumps({"text_config": widths[0], "vision_config": widths[1]}))
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
+
+    def settings(**engine):
+        return result_settings(AppConfig(engine=EngineConfig(**engine)), export)
+
+    _part(tmp_path, 0, 0)
+    prepare_folder(tmp_path, "resume", 0, 1, settings(precision="f32", dynamic_quantization_group_size=0))
+    for engine, change in [
+        (dict(dynamic_quantization_group_size=32), "engine.dynamic_quantization_group_size: 0 -> 32"),
+        (dict(device="GPU"), "engine.device: 'CPU' -> 'GPU'"),
+        (dict(precision="bf16"), "engine.precision: 'f32' -> 'bf16'"),
+    ]:
+        with pytest.raises(OutputError, match=change):
+            prepare_folder(tmp_path, "resume", 0, 1, settings(**{"precision": "f32", "dynamic_quantization_group_size": 0, **engine}))
+    # auto is recorded as what it means on this machine, so auto and that precision are one setting.
+    (tmp_path / SETTINGS).unlink()
+    prepare_folder(tmp_path, "resume", 0, 1, settings())
+    prepare_folder(tmp_path, "resume", 0, 1, settings(precision=precision(EngineConfig(), export)))

@@ -48,7 +48,7 @@ def test_manifest_ids_prompts_and_nulls(tmp_path):
         tmp_path / "m.parquet",
     )
     items = list(iter_items(InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), id_column="key", prompt_column="q")))
-    assert [i.id for i in items] == ["k0", "k1", "2"]
+    assert [i.id for i in items] == ["k0", "k1", "m.parquet#2"]
     assert items[0].path == "/abs/a.jpg" and items[0].prompt == "<grounding>Q"
     assert items[1].error == "null image: column 'image' is null in this row" and items[1].source == f"{tmp_path / 'm.parquet'}#1"
     assert items[2].error == "null id: column 'key' is null in this row"
@@ -65,3 +65,34 @@ def test_manifest_errors(tmp_path):
     pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "m.parquet")
     with pytest.raises(InputError, match="has no column 'image'; its columns are: path"):
         check(InputConfig(kind="parquet", path=str(tmp_path / "m.parquet")))
+
+
+def test_manifest_rows_are_named_by_their_own_file(tmp_path):
+    """`source` and the default id of a bytes row are its file and its row in that file, so adding a
+    file (even one that sorts first) renames nothing: an incremental run then skips what it did."""
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"image": [b"x", b"y"]}), tmp_path / "m" / "b.parquet")
+    pq.write_table(pa.table({"image": [b"z"]}), tmp_path / "m" / "c.parquet")
+    cfg = InputConfig(kind="parquet", path=str(tmp_path / "m"))
+    before = {i.id: i.source for i in iter_items(cfg)}
+    assert before == {
+        "b.parquet#0": f"{tmp_path / 'm' / 'b.parquet'}#0",
+        "b.parquet#1": f"{tmp_path / 'm' / 'b.parquet'}#1",
+        "c.parquet#0": f"{tmp_path / 'm' / 'c.parquet'}#0",
+    }
+    pq.write_table(pa.table({"image": [b"w", b"v", b"u"]}), tmp_path / "m" / "a.parquet")
+    after = {i.id: i.source for i in iter_items(cfg)}
+    assert {k: v for k, v in after.items() if not k.startswith("a.parquet")} == before
+    assert [i.id for i in iter_items(InputConfig(kind="parquet", path=str(tmp_path / "m" / "*.parquet")))] == list(after)
+
+
+def test_every_manifest_file_is_checked_before_the_run(tmp_path):
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"image": ["a.jpg"], "n": pa.array([1], pa.int64())}), tmp_path / "m" / "1.parquet")
+    pq.write_table(pa.table({"photo": ["b.jpg"], "n": pa.array([2], pa.int64())}), tmp_path / "m" / "2.parquet")
+    with pytest.raises(InputError, match=r"2\.parquet' has no column 'image'; its columns are: photo, n"):
+        check(InputConfig(kind="parquet", path=str(tmp_path / "m")))
+    pq.write_table(pa.table({"image": ["b.jpg"], "n": ["two"]}), tmp_path / "m" / "2.parquet")
+    with pytest.raises(InputError, match=r"2\.parquet': kept column 'n' is string, but .*1\.parquet' has int64"):
+        check(InputConfig(kind="parquet", path=str(tmp_path / "m"), keep_columns=["n"]))
+    check(InputConfig(kind="parquet", path=str(tmp_path / "m")))  # the type of a column not kept does not matter
