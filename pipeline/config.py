@@ -50,7 +50,8 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     device: str = "CPU"
-    # auto | f32 | bf16: OpenVINO's inference precision and KV-cache precision.
+    # auto | f32 | bf16: OpenVINO's inference precision and KV-cache precision. auto = bf16 where the
+    # CPU has it natively, except int8/int4 weights on AMX CPUs (f32): see pipeline.model.precision.
     precision: str = "auto"
     # Images per micro-batch; 0 = derived from the machine.
     batch_size: int = 0
@@ -62,7 +63,7 @@ class EngineConfig:
     # Compiled-blob cache (OpenVINO CACHE_DIR); None = inside model.dir.
     cache_dir: str | None = None
     # int8/int4 weights: activations quantised to int8 in groups of this many (OpenVINO's
-    # DYNAMIC_QUANTIZATION_GROUP_SIZE); 0 = off. Ignored with precision=f32, which computes in f32.
+    # DYNAMIC_QUANTIZATION_GROUP_SIZE); 0 = off. Groups must divide a layer's width to cover it.
     dynamic_quantization_group_size: int = 256
     # OpenVINO threads of this process; 0 = the machine's cores / shards_per_machine.
     threads: int = 0
@@ -121,11 +122,13 @@ class InputConfig:
             raise ConfigError(f"input.path is not set: say what to annotate, e.g. input.path={example}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"input.limit={self.limit} must be >= 0")
-        if self.kind == "folder" and self.keep_columns:
-            raise ConfigError("input.keep_columns applies to parquet manifests only (input=parquet)")
+        for key in ("keep_columns", "prompt_column", "phrases_column", "id_column"):
+            if self.kind == "folder" and getattr(self, key):
+                raise ConfigError(f"input.{key} applies to parquet manifests only (input=parquet)")
 
 
 OUTPUT_MODES = ("resume", "overwrite", "error")
+COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 
 
 @dataclass
@@ -144,6 +147,8 @@ class OutputConfig:
             raise ConfigError(f"output.rows_per_file={self.rows_per_file} must be >= 1")
         if self.flush_seconds <= 0:
             raise ConfigError(f"output.flush_seconds={self.flush_seconds} must be > 0")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"output.compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipeline.config import AppConfig, ConfigError, EngineConfig, ModelConfig
+from pipeline.config import AppConfig, ConfigError, EngineConfig, InputConfig, ModelConfig, OutputConfig
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -62,8 +62,44 @@ def test_misspelt_key_fails_with_its_name():
         (EngineConfig(max_new_tokens=0), "engine.max_new_tokens"),
         (EngineConfig(min_new_tokens=200), "engine.min_new_tokens"),
         (EngineConfig(batch_size=-1), "engine.batch_size"),
+        (OutputConfig(compression="zstandard"), "output.compression"),
+        (InputConfig(path="photos", phrases_column="classes"), "input.phrases_column"),
+        (InputConfig(path="photos", prompt_column="q"), "input.prompt_column"),
     ],
 )
 def test_bad_values_name_their_key(cfg, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg.validate()
+
+
+def test_every_compression_listed_writes(tmp_path):
+    """Each accepted output.compression is one pyarrow can write: the check stands in for the first flush."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import COMPRESSIONS
+
+    for codec in COMPRESSIONS:
+        pq.write_table(pa.table({"a": [1]}), tmp_path / f"{codec}.parquet", compression=codec)
+
+
+@pytest.mark.parametrize("device, ok", [("CPU", True), ("AUTO:CPU", True), ("NPU", False), ("GPU.3", False), ("AUTO:CPU,FPGA", False)])
+def test_unknown_devices_are_refused_by_name(device, ok):
+    from pipeline.model import check_device
+
+    if ok:
+        check_device(device)
+    else:
+        with pytest.raises(ConfigError, match=r"engine\.device=.*it lists CPU"):
+            check_device(device)
+
+
+def test_max_new_tokens_must_fit_the_position_table(tmp_path):
+    import json
+
+    from pipeline.run import check_positions
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 512}}))
+    check_positions(EngineConfig(max_new_tokens=445), tmp_path)
+    with pytest.raises(ConfigError, match=r"engine\.max_new_tokens=446 does not fit the model's 512 positions"):
+        check_positions(EngineConfig(max_new_tokens=446), tmp_path)
