@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError, OutputConfig
 from pipeline.grounding import Entity
@@ -55,7 +55,7 @@ def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> str | None:
     for source in (folder / "_previews" / name, Path(row["source"])):
         try:
             with Image.open(source) as im:
-                image = im.convert("RGB")
+                image = ImageOps.exif_transpose(im).convert("RGB")  # boxes refer to the upright image
         except (OSError, ValueError):
             continue
         image.thumbnail((side, side))

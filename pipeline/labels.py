@@ -1,8 +1,11 @@
 """`kosmos-labels`: the parquet output -> COCO detection JSON, Label Studio predictions, or YOLO txt.
 
-    kosmos-labels format=coco output.dir=labels/ dest=labels/coco.json
-    kosmos-labels format=labelstudio output.dir=labels/ dest=labels/tasks.json
-    kosmos-labels format=yolo output.dir=labels/ dest=labels/yolo/
+    kosmos-labels format=coco output.dir=labels/ dest=coco.json
+    kosmos-labels format=labelstudio output.dir=labels/ dest=tasks.json
+    kosmos-labels format=yolo output.dir=labels/ dest=yolo/
+
+`dest` may not be inside the output folder unless its name starts with `_`: the folder must stay
+readable as one parquet table.
 
 Streaming: the parts are read in record batches, one pass to find the categories and one to write,
 so memory holds the category list, never the dataset. Boxes are clipped to the image and ordered
@@ -16,6 +19,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain, count
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -38,9 +42,17 @@ class LabelsConfig:
     def validate(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
-        existing_output(self.output.dir)
+        folder = existing_output(self.output.dir)
         if not self.dest:
-            raise ConfigError("dest is not set: say where to write, e.g. dest=labels/coco.json")
+            raise ConfigError("dest is not set: say where to write, e.g. dest=coco.json")
+        dest = Path(self.dest).expanduser().resolve()
+        inside = dest.relative_to(folder.resolve()).parts if dest.is_relative_to(folder.resolve()) else None
+        if inside is not None and not (inside and inside[0].startswith(("_", "."))):
+            raise ConfigError(
+                f"dest={self.dest!r} is inside output.dir={self.output.dir!r}, which parquet readers then fail "
+                f"to read as one table; write it elsewhere or under a name starting with '_' "
+                f"(e.g. dest={Path(self.output.dir) / ('_' + (inside[0] if inside else 'labels'))})"
+            )
 
 
 @dataclass
@@ -159,29 +171,46 @@ def write_labelstudio(folder: Path, dest: Path, names: list[str], model_version:
 
 
 def write_yolo(folder: Path, dest: Path, names: list[str]) -> dict:
-    """`classes.txt` and one `labels/<id>.txt` per image: `class cx cy w h`, normalised."""
+    """`classes.txt`, one `labels/<id less its extension>.txt` per image (`class cx cy w h`, normalised)
+    and `ids.tsv` (label file, id, source). Ids that would share a label file (`a.jpg`, `a.png`) keep
+    their extension in the name (`a.png.txt`), then a counter: every image gets its own file."""
     ids = {name: i for i, name in enumerate(names)}
-    (dest / "labels").mkdir(parents=True, exist_ok=True)
+    labels = dest / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
     with atomic(dest / "classes.txt") as f:
         f.write("".join(n + "\n" for n in names))
     counts = {"images": 0, "boxes": 0}
-    for row in rows(folder):
-        if not usable(row):
-            continue
-        lines = [
-            f"{ids[b.label]} {(b.x + b.w / 2) / row['width']:.6f} {(b.y + b.h / 2) / row['height']:.6f} "
-            f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}\n"
-            for b in boxes(row)
-            if b.label in ids
-        ]
-        target = (dest / "labels" / row["id"]).with_suffix(".txt")
-        if not target.resolve().is_relative_to((dest / "labels").resolve()):
-            raise ConfigError(f"id {row['id']!r} would write outside {dest / 'labels'}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(lines))
-        counts["images"] += 1
-        counts["boxes"] += len(lines)
+    used: set[str] = set()
+    with atomic(dest / "ids.tsv") as mapping:
+        mapping.write("label_file\tid\tsource\n")
+        for row in rows(folder):
+            if not usable(row):
+                continue
+            lines = [
+                f"{ids[b.label]} {(b.x + b.w / 2) / row['width']:.6f} {(b.y + b.h / 2) / row['height']:.6f} "
+                f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}\n"
+                for b in boxes(row)
+                if b.label in ids
+            ]
+            name = _label_file(row["id"], used)
+            target = labels / name
+            if not target.resolve().is_relative_to(labels.resolve()):
+                raise ConfigError(f"id {row['id']!r} would write outside {labels}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("".join(lines))
+            mapping.write(f"labels/{name}\t{row['id']}\t{row['source']}\n")
+            counts["images"] += 1
+            counts["boxes"] += len(lines)
     return counts
+
+
+def _label_file(item_id: str, used: set[str]) -> str:
+    """The first free name of `a.txt`, `a.jpg.txt`, `a.jpg.1.txt`, ... for id `a.jpg` (`used` is updated)."""
+    stem = Path(item_id).with_suffix("").as_posix()
+    names = chain([f"{stem}.txt", f"{item_id}.txt"], (f"{item_id}.{k}.txt" for k in count(1)))
+    name = next(n for n in names if n not in used)
+    used.add(name)
+    return name
 
 
 class atomic:

@@ -80,3 +80,30 @@ def test_paging_and_phrase_filter(gallery, tmp_path):
     dom, log = chromium(gallery.joinpath("index.html").as_uri() + "?phrase=a%20cat", tmp_path, "--dump-dom")
     assert dom.count('class="card"') == 1 and "chelsea.png" in dom
     assert not [line for line in log.splitlines() if ":CONSOLE" in line], log
+
+
+def test_thumbnails_of_phone_photos_are_upright(tmp_path):
+    """Without previews the gallery draws on the source image: turned by its EXIF orientation first,
+    since boxes refer to the upright image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sink import SCHEMA
+
+    photo = Image.new("RGB", (120, 80), (0, 0, 0))  # stored landscape, shown portrait (orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    box = {"x1": 0.0, "y1": 0.0, "x2": 0.5, "y2": 0.25}  # the top-left of the upright 80x120 image
+    row = {"id": "phone.jpg", "source": str(tmp_path / "phone.jpg"), "width": 80, "height": 120, "prompt": "p",
+           "caption": "a box", "token_ids": [1], "error": None,
+           "entities": [{"phrase": "a box", "start": 0, "end": 5, "boxes": [box]}]}
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), out / "part-00000-00000.parquet")
+    build(GalleryConfig(output=OutputConfig(dir=str(out))))
+    (thumb,) = (out / "_gallery" / "thumbs").iterdir()
+    image = np.asarray(Image.open(thumb).convert("RGB"), dtype=int)
+    assert image.shape[0] > image.shape[1]  # portrait
+    rows, cols = np.nonzero(image.sum(axis=2) > 150)  # the box and its label, on black
+    assert rows.mean() < image.shape[0] / 2 and cols.mean() < image.shape[1] / 2  # drawn at the top left

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -94,10 +95,54 @@ def test_yolo_txt(labels_dir, tmp_path):
     classes = (tmp_path / "yolo" / "classes.txt").read_text().splitlines()
     want = parquet_boxes(labels_dir)
     assert counts["images"] == len(want)
+    mapping = {i: f for f, i, _ in (line.split("\t") for line in (tmp_path / "yolo" / "ids.tsv").read_text().splitlines()[1:])}
+    assert set(mapping) == set(want)
     for image_id, boxes in want.items():
-        lines = (tmp_path / "yolo" / "labels" / image_id).with_suffix(".txt").read_text().splitlines()
+        assert mapping[image_id] == "labels/" + Path(image_id).with_suffix(".txt").name
+        lines = (tmp_path / "yolo" / mapping[image_id]).read_text().splitlines()
         assert [classes[int(line.split()[0])] for line in lines] == [b[0] for b in boxes]
         assert all(0 <= float(v) <= 1 for line in lines for v in line.split()[1:])
+
+
+def test_yolo_gives_every_id_its_own_label_file(tmp_path):
+    """`a.jpg` and `a.png` would both be `a.txt`: the second keeps its extension, the mapping says which."""
+    from pipeline.sink import SCHEMA
+
+    box = {"x1": 0.1, "y1": 0.2, "x2": 0.3, "y2": 0.4}
+    rows = [
+        {"id": i, "source": f"/data/{i}", "width": 100, "height": 50, "prompt": "p", "caption": "c", "token_ids": [1],
+         "entities": [{"phrase": phrase, "start": 0, "end": 1, "boxes": [box]}], "error": None}
+        for i, phrase in [("a.jpg", "cat"), ("a.png", "dog"), ("sub/a.jpg", "cat"), ("a", "dog")]
+    ]
+    folder = tmp_path / "out"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "part-00000-00000.parquet")
+    assert labels(folder, "yolo", tmp_path / "yolo")["images"] == 4
+    lines = (tmp_path / "yolo" / "ids.tsv").read_text().splitlines()
+    assert lines == [
+        "label_file\tid\tsource",
+        "labels/a.txt\ta.jpg\t/data/a.jpg",
+        "labels/a.png.txt\ta.png\t/data/a.png",
+        "labels/sub/a.txt\tsub/a.jpg\t/data/sub/a.jpg",
+        "labels/a.1.txt\ta\t/data/a",
+    ]
+    classes = (tmp_path / "yolo" / "classes.txt").read_text().splitlines()
+    for line in lines[1:]:
+        name, image_id, _ = line.split("\t")
+        phrase = next(r["entities"][0]["phrase"] for r in rows if r["id"] == image_id)
+        assert classes[int((tmp_path / "yolo" / name).read_text().split()[0])] == phrase
+
+
+def test_dest_inside_the_output_folder_must_start_with_underscore(labels_dir, tmp_path):
+    """The folder must stay readable as one table: `labels/coco.json` broke `pd.read_parquet("labels/")`."""
+    for dest in (labels_dir / "coco.json", labels_dir / "yolo", labels_dir):
+        with pytest.raises(ConfigError, match="starting with '_'"):
+            labels(labels_dir, "coco" if dest.suffix else "yolo", dest)
+    labels(labels_dir, "coco", labels_dir / "_coco.json")
+    labels(labels_dir, "yolo", labels_dir / "_yolo")
+    import pandas as pd
+
+    assert len(pd.read_parquet(labels_dir)) == len(pq.read_table(labels_dir))
 
 
 def test_bad_arguments_are_config_errors(labels_dir, tmp_path):
