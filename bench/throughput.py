@@ -151,6 +151,8 @@ def spawn(system: str, **kw) -> dict:
 
 
 def main() -> None:
+    from pipeline.config import EngineConfig
+
     p = argparse.ArgumentParser()
     p.add_argument("--images-n", type=int, default=16)
     p.add_argument("--skip-transformers", action="store_true")
@@ -159,7 +161,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--num-requests", type=int, default=0)
     p.add_argument("--precision", default="auto")
-    p.add_argument("--dq", type=int, default=0, help="engine.dynamic_quantization_group_size")
+    p.add_argument("--dq", type=int, default=EngineConfig.dynamic_quantization_group_size, help="engine.dynamic_quantization_group_size")
     p.add_argument("--kv-cache", default="", help="KV cache precision instead of the engine's (u8, bf16, f32)")
     # child mode
     p.add_argument("--child", default=None)

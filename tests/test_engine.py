@@ -230,7 +230,7 @@ def test_defaults_give_tokens_independent_of_batch_and_requests(model, request, 
     export = request.getfixturevalue(model)
     reqs = distinct_prompt_requests(processor, 120)
     runs = {}
-    for requests, batch in [(1, 1), (2, 1), (1, 2), (1, 3), (2, 4), (1, 16)]:
+    for requests, batch in [(1, 1), (2, 1), (1, 2), (1, 4), (2, 4), (1, 16)]:
         cfg = EngineConfig(num_requests=requests, batch_size=batch, max_new_tokens=6)
         runs[requests, batch] = [o.token_ids for o in Engine(KosmosModel(export, cfg), cfg).generate(reqs)]
     assert len({tuple(t) for t in runs[1, 1]}) > 10  # varied text, so equality below means something
