@@ -4,7 +4,7 @@
     python bench/batch_invariance.py --part matmul
 
 Part 1, the minimal reproduction: one MatMul with int8-compressed weights (as NNCF writes them:
-u8 weights, zero point, scale). Each of 8 rows is computed alone and inside batches of 2 to 64 rows,
+u8 weights, zero point, scale), and with the same weights in plain fp32. Each of 8 rows is computed alone and inside batches of 2 to 64 rows,
 and, with two infer requests running at once, again and again; printed: how many rows differ from the
 row computed alone, and the largest difference. A batch-invariant kernel gives 0 everywhere.
 
@@ -48,15 +48,19 @@ def cpu() -> str:
     return f"{name} ({', '.join(flags) or 'no AVX-512 BF16/VNNI, no AMX'})"
 
 
-def compressed_matmul(k: int = 1024, n: int = 1024):
+def matmul(weights: str, k: int = 1024, n: int = 1024):
+    """x @ W.T with W as NNCF writes int8 weights (u8, zero point, scale), or plain fp32."""
     import openvino as ov
     from openvino import opset13 as ops
 
     rng = np.random.default_rng(0)
-    weights = ops.constant(rng.integers(0, 256, (n, k), dtype=np.uint8))
-    zero_point = ops.constant(np.full((n, 1), 128, np.uint8))
-    scale = ops.constant((rng.random((n, 1)) * 0.01).astype(np.float32))
-    w = ops.multiply(ops.subtract(ops.convert(weights, ov.Type.f32), ops.convert(zero_point, ov.Type.f32)), scale)
+    quantised = rng.integers(0, 256, (n, k), dtype=np.uint8)
+    scale = (rng.random((n, 1)) * 0.01).astype(np.float32)
+    if weights == "int8":
+        u8, zero_point = ops.constant(quantised), ops.constant(np.full((n, 1), 128, np.uint8))
+        w = ops.multiply(ops.subtract(ops.convert(u8, ov.Type.f32), ops.convert(zero_point, ov.Type.f32)), ops.constant(scale))
+    else:
+        w = ops.constant(((quantised.astype(np.float32) - 128) * scale).astype(np.float32))
     x = ops.parameter(ov.PartialShape([-1, k]), ov.Type.f32, name="x")
     return ov.Model([ops.matmul(x, w, False, True)], [x]), rng.standard_normal((64, k)).astype(np.float32)
 
@@ -64,12 +68,13 @@ def compressed_matmul(k: int = 1024, n: int = 1024):
 def part_matmul() -> None:
     import openvino as ov
 
-    model, x = compressed_matmul()
     core = ov.Core()
-    print("\nPart 1: one int8-compressed MatMul (1024x1024); rows of 8 that differ from the row computed alone")
-    print(f"{'precision':<10}{'dq group':>9}{'batch 2':>9}{'batch 4':>9}{'batch 16':>10}{'batch 64':>10}"
+    print("\nPart 1: one 1024x1024 MatMul; rows of 8 that differ from the row computed alone")
+    print(f"{'weights':<8}{'precision':<10}{'dq group':>9}{'batch 2':>9}{'batch 4':>9}{'batch 16':>10}{'batch 64':>10}"
           f"{'max |diff|':>12}{'2 requests x 50 runs':>22}")
-    for precision, group in [("f32", 0), ("f32", 32), ("bf16", 0), ("bf16", 32)]:
+    cases = [("int8", p, g) for p, g in [("f32", 0), ("f32", 32), ("bf16", 0), ("bf16", 32)]] + [("fp32", "f32", 0), ("fp32", "bf16", 0)]
+    for weights, precision, group in cases:
+        model, x = matmul(weights)
         compiled = core.compile_model(
             model, "CPU",
             {"INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": group,
@@ -95,7 +100,7 @@ def part_matmul() -> None:
             t.start()
         for t in threads:
             t.join()
-        print(f"{precision:<10}{group:>9}" + "".join(f"{c:>9}" if i < 2 else f"{c:>10}" for i, c in enumerate(cells))
+        print(f"{weights:<8}{precision:<10}{group:>9}" + "".join(f"{c:>9}" if i < 2 else f"{c:>10}" for i, c in enumerate(cells))
               + f"{worst:>12.2e}{f'{changed[0]} of 100 differ':>22}")
 
 

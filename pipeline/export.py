@@ -102,13 +102,11 @@ def ensure_export(cfg: ModelConfig) -> Path:
     if stale_reason(cfg, path) is None:
         log.info("Using the export in %s", path)
         return path
-    lock = path.parent / f".{path.name}.lock"
-    try:
-        with flock(lock, blocking=False):
-            pass
-    except BlockingIOError:
+
+    def waiting() -> None:
         log.info("Another process is exporting to %s; waiting for it", path)
-    with flock(lock, blocking=True):
+
+    with flock(path.parent / f".{path.name}.lock", on_wait=waiting):
         reason = stale_reason(cfg, path)
         if reason is None:
             log.info("Using the export in %s", path)

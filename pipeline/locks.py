@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 
 @contextmanager
-def flock(path: Path, blocking: bool = True) -> Iterator[IO[str]]:
-    """Hold an exclusive flock on `path` (created if needed); raises BlockingIOError if busy and not blocking."""
+def flock(path: Path, blocking: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[IO[str]]:
+    """Hold an exclusive flock on `path` (created if needed). If another process holds it: raise
+    BlockingIOError, or (blocking) call `on_wait` and wait for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not blocking:
+                raise
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield f
         finally:

@@ -55,7 +55,10 @@ def cpu_has(flag: str) -> bool:
 def _has_bf16(device: str) -> bool:
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    try:
+        return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:  # a device (or AUTO:...) that does not report capabilities
+        return False
 
 
 def layer_widths(export: Path) -> set[int]:

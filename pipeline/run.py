@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline import images, sources
-from pipeline.config import AppConfig, ConfigError, UserError
+from pipeline.config import AppConfig, ConfigError, EngineConfig, UserError
 from pipeline.grounding import Entity, parse
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def result_settings(cfg: AppConfig, model_dir: Path) -> dict:
 IMAGE_PROMPT_TOKENS = 67
 
 
-def check_positions(cfg, model_dir: Path) -> None:
+def check_positions(cfg: EngineConfig, model_dir: Path) -> None:
     """The decoder's position table bounds prompt plus generated tokens: refuse a max_new_tokens
     that cannot fit before anything is loaded, instead of failing mid-run."""
     config = json.loads((model_dir / "config.json").read_text())

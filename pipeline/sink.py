@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,18 +106,19 @@ class DoneIds:
 def exclusive(folder: Path, shard: int) -> Iterator[None]:
     """Hold this shard of the folder for the whole run; a second run on it is refused, naming the holder."""
     path = folder / f".lock-{shard:05d}"
-    try:
-        with flock(path, blocking=False) as f:
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            f.flush()
-            yield
-    except BlockingIOError:
-        holder = path.read_text().strip() or "another process"
-        raise OutputError(
-            f"output.dir={str(folder)!r} shard {shard} is being written by {holder}; wait for that run "
-            "to finish (a rerun then resumes where it stopped) or choose another output.dir"
-        ) from None
+    with ExitStack() as stack:
+        try:
+            f = stack.enter_context(flock(path, blocking=False))
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            raise OutputError(
+                f"output.dir={str(folder)!r} shard {shard} is being written by {holder}; wait for that run "
+                "to finish (a rerun then resumes where it stopped) or choose another output.dir"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield
 
 
 def prepare_folder(folder: Path, mode: str, shard: int, num_shards: int, settings: dict) -> None:
