@@ -181,6 +181,7 @@ class KosmosModel:
         config = json.loads((self.path / "config.json").read_text())
         text = config.get("text_config", {})
         self.pad_token_id = int(text.get("pad_token_id", 1))
+        self.max_positions = int(text.get("max_position_embeddings", 2048))  # prompt + generated tokens
         self.eos_token_id = int(text.get("eos_token_id", 2))
         self._blank = None
         # Engine threads encode prompts while the main thread decodes text: a fast (Rust) tokenizer

@@ -220,7 +220,7 @@ def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews
     ahead = engine.batch_size * (engine.num_requests + 1)
     decoded = images.ordered_map(decode, items, threads, ahead)
     grounded: list = []  # task=ground: the generations of the current image, one per phrase
-    for gen in engine.generate(_requests(cfg, decoded)):
+    for gen in engine.generate(_requests(cfg, model, decoded)):
         d = gen.tag
         item = d.item
         if d.error:  # failed before the engine: passed through, in order
@@ -255,21 +255,31 @@ def _phrases(cfg: AppConfig, item: sources.Item) -> list[str]:
     return [p for p in (item.phrases if item.phrases else cfg.task.phrases) if p and p.strip()]
 
 
-def _requests(cfg: AppConfig, decoded):
-    """One request per image, or per (image, phrase) for task=ground, all sharing one pixel array."""
+def _requests(cfg: AppConfig, model, decoded):
+    """One request per image, or per (image, phrase) for task=ground, all sharing one pixel array.
+    A row whose prompt leaves no room for engine.max_new_tokens in the model's positions is an error
+    row: past the table its positions would silently be wrong."""
     from pipeline.config import GROUND_PROMPT
     from pipeline.engine import Request
 
     for d in decoded:
         if cfg.task.kind == "ground" and not d.error and not _phrases(cfg, d.item):
             d.item.error = "no phrases: this row's phrases are empty and task.phrases is empty"
+        if cfg.task.kind == "ground":
+            prompts = [GROUND_PROMPT.format(phrase=phrase.strip()) for phrase in _phrases(cfg, d.item)]
+        else:
+            prompts = [d.item.prompt or cfg.prompt]
+        longest = max((len(model.encode_prompt(p).input_ids) for p in prompts), default=0) if not d.error else 0
+        if longest + cfg.engine.max_new_tokens > model.max_positions:
+            d.item.error = (
+                f"prompt too long: {longest} tokens and engine.max_new_tokens={cfg.engine.max_new_tokens} "
+                f"exceed the model's {model.max_positions} positions; shorten this row's prompt"
+            )
         if d.error:
             yield Request(None, "", tag=d)
-        elif cfg.task.kind == "ground":
-            for phrase in _phrases(cfg, d.item):
-                yield Request(d.pixel_values, GROUND_PROMPT.format(phrase=phrase.strip()), tag=d)
         else:
-            yield Request(d.pixel_values, d.item.prompt or cfg.prompt, tag=d)
+            for prompt in prompts:
+                yield Request(d.pixel_values, prompt, tag=d)
 
 
 def _ground_row(model, item: sources.Item, phrases: list[str], gens: list) -> dict:

@@ -309,3 +309,27 @@ def test_million_row_manifest_streams(trained_checkpoint, trained_export, tmp_pa
         peaks[name] = usage.ru_maxrss / 1024  # MiB
     print(f"peak RSS: small manifest {peaks['small']:.0f} MiB, 1M-row manifest {peaks['big']:.0f} MiB")
     assert peaks["big"] < peaks["small"] + 64
+
+
+def test_a_prompt_too_long_for_the_model_is_an_error_row(trained_checkpoint, trained_export, tmp_path, processor):
+    """Past the position table a row's positions would silently be wrong: such a row becomes an error
+    row naming the limit, and its neighbours are annotated as usual."""
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(EXAMPLES / "chelsea.png", tmp_path / "imgs")
+    long = PROMPT + " cat" * 400  # 471 tokens; the tiny model has 512 positions
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        pa.table({"path": ["imgs/chelsea.png"] * 3, "key": ["a", "b", "c"], "q": [None, long, None]}),
+    )
+    out = tmp_path / "out"
+    cfg = config(
+        trained_checkpoint, trained_export,
+        InputConfig(kind="parquet", path=str(manifest), image_column="path", id_column="key", prompt_column="q"), out,
+    )
+    summary = run(cfg, out)
+    rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert rows["b"]["error"] == (
+        "prompt too long: 471 tokens and engine.max_new_tokens=128 exceed the model's 512 positions; shorten this row's prompt"
+    )
+    assert entity_view(rows["a"]) == entity_view(rows["c"]) == expected(processor, "chelsea.png")[1]
+    assert summary.errors_by_kind == {"prompt too long": 1}
