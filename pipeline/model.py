@@ -61,6 +61,12 @@ def _has_bf16(device: str) -> bool:
         return False
 
 
+def max_positions(export: Path) -> int:
+    """Entries of the decoder's position table: what a prompt and its generated tokens share."""
+    config = json.loads((Path(export) / "config.json").read_text())
+    return int(config.get("text_config", {}).get("max_position_embeddings", 2048))
+
+
 def layer_widths(export: Path) -> set[int]:
     """The input widths of the exported model's fully connected layers (text, vision, projection)."""
     config = json.loads((Path(export) / "config.json").read_text())
@@ -181,7 +187,7 @@ class KosmosModel:
         config = json.loads((self.path / "config.json").read_text())
         text = config.get("text_config", {})
         self.pad_token_id = int(text.get("pad_token_id", 1))
-        self.max_positions = int(text.get("max_position_embeddings", 2048))  # prompt + generated tokens
+        self.max_positions = max_positions(self.path)
         self.eos_token_id = int(text.get("eos_token_id", 2))
         self._blank = None
         # Engine threads encode prompts while the main thread decodes text: a fast (Rust) tokenizer

@@ -93,8 +93,9 @@ IMAGE_PROMPT_TOKENS = 67
 def check_positions(cfg: EngineConfig, model_dir: Path) -> None:
     """The decoder's position table bounds prompt plus generated tokens: refuse a max_new_tokens
     that cannot fit before anything is loaded, instead of failing mid-run."""
-    config = json.loads((model_dir / "config.json").read_text())
-    table = int(config.get("text_config", {}).get("max_position_embeddings", 2048))
+    from pipeline.model import max_positions
+
+    table = max_positions(model_dir)
     room = table - IMAGE_PROMPT_TOKENS
     if cfg.max_new_tokens > room:
         raise ConfigError(

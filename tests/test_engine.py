@@ -55,6 +55,11 @@ def hf_generate(model, processor, image, prompt, max_new_tokens, min_new_tokens=
     return out[0, enc["input_ids"].shape[1] :].tolist()
 
 
+def requests_by_name(processor, names) -> list[Request]:
+    """The default prompt on each named example image, tagged with its name."""
+    return [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in names]
+
+
 def as_hf(gen, eos) -> list[int]:
     return gen.token_ids + ([eos] if gen.stopped_by_eos else [])
 
@@ -137,7 +142,7 @@ def test_logits_match_torch_when_teacher_forced(random_export, random_checkpoint
 def test_rows_finish_at_different_steps(trained_export, processor):
     """Rows end at their own end-of-sequence while others go on; max_new_tokens cuts each row alone."""
     names = list(TRAINED_CAPTIONS)
-    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in names]
+    reqs = requests_by_name(processor, names)
     full = {o.tag: o for o in engine(trained_export, batch_size=4).generate(reqs)}
     lengths = {n: len(full[n].token_ids) for n in names}
     assert all(o.stopped_by_eos for o in full.values())
@@ -166,7 +171,7 @@ def test_trained_captions_and_entities_come_back(trained_export, trained_checkpo
     model = hf_model(trained_checkpoint)
     eng = engine(trained_export, batch_size=3, num_requests=2)
     names = list(TRAINED_CAPTIONS) * 2
-    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in names]
+    reqs = requests_by_name(processor, names)
     for out in eng.generate(reqs):
         caption, entities = parse(eng.model.text_after_image(out.prompt_ids, out.token_ids))
         ref_ids = hf_generate(model, processor, load_rgb(EXAMPLES / out.tag), PROMPT, max_new_tokens=128)
@@ -185,7 +190,7 @@ def test_bf16_runs_close_to_f32(trained_export, processor):
     """bf16 (opt-in) is not held to parity, but the trained model's captions survive it."""
     cfg = EngineConfig(precision="bf16")
     eng = Engine(KosmosModel(trained_export, cfg), cfg)
-    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
+    reqs = requests_by_name(processor, TRAINED_CAPTIONS)
     f32 = {o.tag: o.token_ids for o in engine(trained_export).generate(reqs)}
     bf16 = {o.tag: o.token_ids for o in eng.generate(reqs)}
     assert sum(f32[n] == bf16[n] for n in f32) >= len(f32) - 1
@@ -257,7 +262,7 @@ def test_defaults_keep_the_trained_captions_and_entities(trained_int8, trained_c
     model = hf_model(trained_checkpoint)
     cfg = EngineConfig()
     eng = Engine(KosmosModel(trained_int8, cfg), cfg)
-    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
+    reqs = requests_by_name(processor, TRAINED_CAPTIONS)
     same = 0
     for out in eng.generate(reqs):
         got = parse(eng.model.text_after_image(out.prompt_ids, out.token_ids))
@@ -290,7 +295,7 @@ def test_compiled_cache_keeps_settings_apart_in_one_process(trained_int8, proces
     """Settings compiled one after another into one cache each get their own blobs and the tokens of a
     compile without cache. OpenVINO's CPU cache key holds only the device name: before, bf16 imported
     the f32 blob (on AMX: a crash or all-zero tokens)."""
-    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
+    reqs = requests_by_name(processor, TRAINED_CAPTIONS)
     shared = tmp_path / "cache"
     folders = []
     for k, settings in enumerate(SETTINGS_IN_TURN):
@@ -315,7 +320,7 @@ def test_compiled_cache_keeps_settings_apart_across_processes(trained_int8, proc
     from tests.test_run import REPO
 
     names = list(TRAINED_CAPTIONS)
-    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in names]
+    reqs = requests_by_name(processor, names)
     code = (
         "import json, sys; from pathlib import Path; from tests.test_engine import *; from tests.tiny import make_processor;"
         "p = make_processor();"

@@ -15,9 +15,10 @@ import pytest
 
 from pipeline import export
 from pipeline.config import ConfigError, EngineConfig, ModelConfig
-from pipeline.engine import Engine, Request
+from pipeline.engine import Engine
 from pipeline.model import KosmosModel
-from tests.conftest import EXAMPLES, PROMPT, TRAINED_CAPTIONS, load_rgb, pixel_values
+from tests.conftest import TRAINED_CAPTIONS
+from tests.test_engine import requests_by_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,7 +154,7 @@ def test_compressed_exports_load_and_generate(trained_checkpoint, trained_export
     )
     assert (path / "text_decoder.bin").stat().st_size < (trained_export / "text_decoder.bin").stat().st_size
     cfg = EngineConfig(precision="f32", max_new_tokens=40)
-    reqs = [Request(pixel_values(processor, load_rgb(EXAMPLES / n)), PROMPT, tag=n) for n in TRAINED_CAPTIONS]
+    reqs = requests_by_name(processor, TRAINED_CAPTIONS)
     ref = {o.tag: o.token_ids for o in Engine(KosmosModel(trained_export, cfg), cfg).generate(reqs)}
     got = {o.tag: o.token_ids for o in Engine(KosmosModel(path, cfg), cfg).generate(reqs)}
     assert all(len(t) > 0 for t in got.values())
