@@ -1,12 +1,14 @@
-"""Generated text -> caption, entities and normalised boxes.
+"""Generated text -> caption, entities and normalised boxes, and each entity's and box's score.
 
 The parsing is transformers' own (`Kosmos2Processor.post_process_generation` is a split at `</image>`
 followed by `clean_text_and_extract_entities_with_bboxes`), so captions and spans are exactly what
-users of the processor get.
+users of the processor get. Scores are read off the generated tokens: `add_scores` finds the same
+entities in the token ids that transformers' pattern finds in their text.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 EOI_TOKEN = "</image>"
@@ -19,14 +21,25 @@ class Entity:
     start: int  # character span of `phrase` in the caption
     end: int
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # x1, y1, x2, y2 in [0, 1]
+    # Probability of each box's two patch-index tokens (their product); None where not generated.
+    box_scores: list[float | None] = field(default_factory=list)
+    # Probability of the generated tokens that name and open the entity: `<phrase>` ... `</phrase><object>`
+    # (task=ground gives the phrase, so only `<object>`: that the model grounds it at all).
+    score: float | None = None
 
     def as_row(self) -> dict:
         """The entity as the output schema stores it."""
-        return {"phrase": self.phrase, "start": self.start, "end": self.end, "boxes": [dict(zip(BOX_FIELDS, b)) for b in self.boxes]}
+        scores = self.box_scores or [None] * len(self.boxes)
+        boxes = [{**dict(zip(BOX_FIELDS, b)), "score": s} for b, s in zip(self.boxes, scores)]
+        return {"phrase": self.phrase, "start": self.start, "end": self.end, "score": self.score, "boxes": boxes}
 
     @classmethod
     def from_row(cls, row: dict) -> Entity:
-        return cls(row["phrase"], row["start"], row["end"], [tuple(b[k] for k in BOX_FIELDS) for b in row["boxes"]])
+        boxes = row["boxes"]
+        return cls(
+            row["phrase"], row["start"], row["end"],
+            [tuple(b[k] for k in BOX_FIELDS) for b in boxes], [b.get("score") for b in boxes], row.get("score"),
+        )
 
 
 def parse(text: str, patches_per_side: int = 32) -> tuple[str, list[Entity]]:
@@ -35,3 +48,94 @@ def parse(text: str, patches_per_side: int = 32) -> tuple[str, list[Entity]]:
 
     caption, entities = clean_text_and_extract_entities_with_bboxes(text.split(EOI_TOKEN)[-1], patches_per_side)
     return caption, [Entity(name, start, end, [tuple(b) for b in boxes]) for name, (start, end), boxes in entities]
+
+
+@dataclass(frozen=True)
+class Tags:
+    """The token ids of Kosmos-2's grounding markup in one tokenizer."""
+
+    image_end: int
+    phrase: int
+    phrase_end: int
+    object: int
+    object_end: int
+    delimiter: int
+    patches: frozenset[int]
+    breaks: frozenset[int]  # tokens a phrase cannot contain: any tag, or a piece with "<" in it
+    silent: frozenset[int]  # special tokens that decoding drops (the text never sees them)
+
+    @classmethod
+    def of(cls, tokenizer) -> Tags:
+        ids = tokenizer.convert_tokens_to_ids
+        pieces = tokenizer.get_vocab()
+        return cls(
+            image_end=ids(EOI_TOKEN),
+            phrase=ids("<phrase>"),
+            phrase_end=ids("</phrase>"),
+            object=ids("<object>"),
+            object_end=ids("</object>"),
+            delimiter=ids("</delimiter_of_multi_objects/>"),
+            patches=frozenset(i for p, i in pieces.items() if p.startswith("<patch_index_")),
+            breaks=frozenset(i for p, i in pieces.items() if "<" in p),
+            silent=frozenset(tokenizer.all_special_ids),
+        )
+
+
+def add_scores(entities: list[Entity], ids: list[int], logprobs: list[float | None], tags: Tags) -> None:
+    """Fill in the scores of `entities` (as `parse` found them in the text of `ids`) from the
+    log-probabilities of the generated tokens (`logprobs[i]` is None for a prompt token).
+
+    The token ids are walked with the pattern transformers applies to their text; should the two ever
+    disagree (a text piece that spells a tag), the entities keep no scores rather than wrong ones.
+    """
+    pairs = [(t, lp) for t, lp in zip(ids, logprobs) if t not in tags.silent]
+    found = _token_entities([t for t, _ in pairs], tags)
+    if [len(boxes) for _, _, boxes in found] != [len(e.boxes) for e in entities]:
+        return
+    lps = [lp for _, lp in pairs]
+    for entity, (first, opened, boxes) in zip(entities, found):
+        named = [lp for lp in lps[first : opened + 1] if lp is not None]
+        entity.score = math.exp(sum(named)) if named else None
+        entity.box_scores = [
+            math.exp(lps[x] + lps[y]) if lps[x] is not None and lps[y] is not None else None for x, y in boxes
+        ]
+
+
+def _token_entities(ids: list[int], tags: Tags) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Entities as (position of their first token, of their `<object>`, [(x, y) positions of each box's
+    patch tokens]), matching `(<phrase>[^<]+</phrase>)?<object>(<p><p></delimiter/>)*<p><p></object>`.
+    An `<object>` without a phrase gives one entity per box, as transformers does."""
+    found, i = [], 0
+    while i < len(ids):
+        if ids[i] == tags.phrase:
+            j = i + 1
+            while j < len(ids) and ids[j] not in tags.breaks:
+                j += 1
+            if j > i + 1 and ids[j : j + 2] == [tags.phrase_end, tags.object]:
+                boxes, end = _boxes(ids, j + 1, tags)
+                if boxes:
+                    found.append((i, j + 1, boxes))
+                    i = end
+                    continue
+        elif ids[i] == tags.object:
+            boxes, end = _boxes(ids, i, tags)
+            if boxes:
+                found += [(i, i, [box]) for box in boxes]
+                i = end
+                continue
+        i += 1
+    return found
+
+
+def _boxes(ids: list[int], at: int, tags: Tags) -> tuple[list[tuple[int, int]], int]:
+    """The patch-token positions of the box list opened by the `<object>` at `at`, and the position
+    after its `</object>`; no boxes if the list is malformed."""
+    boxes, k = [], at + 1
+    while k + 2 < len(ids) and ids[k] in tags.patches and ids[k + 1] in tags.patches:
+        boxes.append((k, k + 1))
+        if ids[k + 2] == tags.object_end:
+            return boxes, k + 3
+        if ids[k + 2] != tags.delimiter:
+            break
+        k += 3
+    return [], at + 1

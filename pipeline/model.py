@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -215,13 +215,24 @@ class KosmosModel:
             image_mask=np.asarray(enc["image_embeds_position_mask"], dtype=bool),
         )
 
-    def text_after_image(self, prompt_ids: np.ndarray, generated: list[int]) -> str:
-        """Decoded text from `</image>` on, tags kept: what `post_process_generation` expects.
+    def ids_after_image(self, prompt_ids: np.ndarray, generated: list[int]) -> list[int]:
+        """The prompt from `</image>` on, then the generated ids: what the caption is read from.
+        The 64 image placeholders decode to arbitrary pieces, so they never reach the text."""
+        eoi = self.tags.image_end
+        ids = [int(i) for i in prompt_ids]
+        return ids[ids.index(eoi) if eoi in ids else 0 :] + list(generated)
 
-        The 64 image placeholders decode to arbitrary pieces, so they never reach the text.
-        """
+    def decode(self, ids: list[int]) -> str:
+        """Text with the grounding tags kept: what `post_process_generation` expects."""
         with self._tokenizer_lock:
-            eoi = self.processor.tokenizer.convert_tokens_to_ids(self.processor.eoi_token)
-            ids = list(prompt_ids)
-            start = ids.index(eoi) if eoi in ids else 0
-            return self.processor.tokenizer.decode(ids[start:] + list(generated), skip_special_tokens=True)
+            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text_after_image(self, prompt_ids: np.ndarray, generated: list[int]) -> str:
+        return self.decode(self.ids_after_image(prompt_ids, generated))
+
+    @cached_property
+    def tags(self):
+        from pipeline.grounding import Tags
+
+        with self._tokenizer_lock:
+            return Tags.of(self.processor.tokenizer)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import images, sources
 from pipeline.config import AppConfig, ConfigError, EngineConfig, UserError
-from pipeline.grounding import Entity, parse
+from pipeline.grounding import Entity, add_scores, parse
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class Summary:
     wall_seconds: float = 0.0
     load_seconds: float = 0.0  # export check, compile, first start
     images_per_s: float = 0.0  # rows per second once the model is loaded
+    # Quantiles of box, entity and caption scores (caption: the geometric mean of its tokens'
+    # probabilities), so a scheduled job can see a batch of images scoring lower than usual.
+    scores: dict[str, dict] = field(default_factory=dict)
     # Busy seconds per stage (threads overlap, so they can add up to more than the wall time).
     stage_seconds: dict[str, float] = field(default_factory=dict)
     output_dir: str = ""
@@ -68,8 +74,10 @@ def result_settings(cfg: AppConfig, model_dir: Path) -> dict:
     The precision is recorded as resolved (`auto` -> bf16 or f32 on this machine), so a resume on a
     machine where `auto` means something else is refused instead of mixing results."""
     from pipeline.model import precision
+    from pipeline.sink import SCHEMA_VERSION
 
     return {
+        "output.schema_version": SCHEMA_VERSION,
         "model.source": cfg.model.source,
         "model.revision": cfg.model.revision,
         "model.weight_format": cfg.model.weight_format,
@@ -149,6 +157,7 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
     engine = Engine(model, cfg.engine)
     summary.load_seconds = round(time.perf_counter() - started, 2)
     loaded = time.perf_counter()
+    scores = ScoreQuantiles()
     with _progress() as bar:
         for row in _rows(cfg, model, engine, _todo(cfg, done, summary), output_dir / PREVIEWS):
             sink.add(row)
@@ -160,6 +169,7 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
             summary.entities += len(row["entities"] or [])
             summary.boxes += sum(len(e["boxes"]) for e in row["entities"] or [])
             summary.generated_tokens += len(row["token_ids"] or [])
+            scores.add(row)
             summary.images_per_s = round(summary.items / max(time.perf_counter() - loaded, 1e-9), 3)
             bar.update(1)
             bar.set_postfix(errors=summary.errors, entities=summary.entities, refresh=False)
@@ -168,6 +178,38 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
     engine.times.seconds["parquet"] += sink.write_seconds
     summary.stage_seconds = {k: round(v, 2) for k, v in engine.times.seconds.items()}
     summary.images_encoded = engine.times.counts["images_encoded"]
+    summary.scores = scores.summary()
+
+
+class ScoreQuantiles:
+    """Quantiles of the run's scores in constant memory: histograms of 1000 bins over [0, 1]."""
+
+    BINS = 1000
+    QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+    def __init__(self):
+        self.counts = {kind: np.zeros(self.BINS, np.int64) for kind in ("box", "entity", "caption")}
+
+    def add(self, row: dict) -> None:
+        for entity in row["entities"] or []:
+            self._add("entity", entity["score"])
+            for box in entity["boxes"]:
+                self._add("box", box["score"])
+        if row["token_logprobs"]:
+            self._add("caption", math.exp(row["caption_logprob"] / len(row["token_logprobs"])))
+
+    def _add(self, kind: str, value: float | None) -> None:
+        if value is not None:
+            self.counts[kind][min(int(value * self.BINS), self.BINS - 1)] += 1
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for kind, counts in self.counts.items():
+            n = int(counts.sum())
+            cumulative = np.cumsum(counts)
+            quantiles = {f"p{round(q * 100):02d}": round((np.searchsorted(cumulative, q * n) + 0.5) / self.BINS, 4) for q in self.QUANTILES}
+            out[kind] = {"count": n, **(quantiles if n else {})}
+        return out
 
 
 def _todo(cfg: AppConfig, done, summary: Summary) -> Iterator[sources.Item]:
@@ -236,13 +278,13 @@ def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews
             row = _ground_row(model, item, phrases, grounded)
             grounded = []
         else:
-            caption, entities = parse(model.text_after_image(gen.prompt_ids, gen.token_ids))
+            caption, entities = _parse(model, gen)
             row = _row(
                 item,
                 prompt=item.prompt or cfg.prompt,
                 caption=caption,
                 entities=[e.as_row() for e in entities],
-                token_ids=gen.token_ids,
+                **_tokens(gen.token_ids, gen.token_logprobs),
             )
         row.update(width=d.width, height=d.height)
         if d.image is not None:
@@ -290,21 +332,35 @@ def _ground_row(model, item: sources.Item, phrases: list[str], gens: list) -> di
     """
     from pipeline.config import GROUND_PROMPT
 
-    caption, entities, tokens = "", [], []
+    caption, entities, tokens, logprobs = "", [], [], []
     for phrase, gen in zip(phrases, gens):
-        _, found = parse(model.text_after_image(gen.prompt_ids, gen.token_ids))
+        _, found = _parse(model, gen)
         wanted = " ".join(phrase.split()).lower()
-        boxes = next((e.boxes for e in found if " ".join(e.phrase.split()).lower() == wanted), [])
+        match = next((e for e in found if " ".join(e.phrase.split()).lower() == wanted), Entity(phrase, 0, 0))
         start = len(caption) + (2 if caption else 0)
         caption = f"{caption}; {phrase}" if caption else phrase
-        entities.append(Entity(phrase, start, start + len(phrase), boxes).as_row())
+        entities.append(Entity(phrase, start, start + len(phrase), match.boxes, match.box_scores, match.score).as_row())
         tokens += gen.token_ids
-    return _row(item, prompt=GROUND_PROMPT, caption=caption, entities=entities, token_ids=tokens)
+        logprobs += gen.token_logprobs
+    return _row(item, prompt=GROUND_PROMPT, caption=caption, entities=entities, **_tokens(tokens, logprobs))
+
+
+def _parse(model, gen) -> tuple[str, list[Entity]]:
+    """Caption and entities of a generation, each entity and box scored from its tokens."""
+    ids = model.ids_after_image(gen.prompt_ids, gen.token_ids)
+    caption, entities = parse(model.decode(ids))
+    add_scores(entities, ids, [None] * (len(ids) - len(gen.token_ids)) + gen.token_logprobs, model.tags)
+    return caption, entities
+
+
+def _tokens(token_ids: list[int], logprobs: list[float]) -> dict:
+    return {"token_ids": token_ids, "token_logprobs": logprobs, "caption_logprob": float(sum(logprobs))}
 
 
 def _row(item: sources.Item, **values) -> dict:
     row = {"id": item.id, "source": item.source, "width": None, "height": None, "prompt": None}
-    row.update({"caption": None, "entities": None, "token_ids": None, "error": None})
+    row.update({"caption": None, "entities": None, "token_ids": None, "token_logprobs": None, "caption_logprob": None})
+    row["error"] = None
     row.update(values)
     row.update(item.extra)
     return row

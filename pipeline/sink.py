@@ -26,9 +26,15 @@ from pipeline.config import ConfigError, UserError
 from pipeline.locks import flock
 
 SETTINGS = "_settings.json"
+# Recorded in _settings.json: a folder holds parts of one schema (2 added the scores).
+SCHEMA_VERSION = 2
 
-BOX = pa.struct([("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32())])
-ENTITY = pa.struct([("phrase", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("boxes", pa.list_(BOX))])
+BOX = pa.struct(
+    [("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()), ("score", pa.float32())]
+)
+ENTITY = pa.struct(
+    [("phrase", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("score", pa.float32()), ("boxes", pa.list_(BOX))]
+)
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -39,6 +45,8 @@ SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("entities", pa.list_(ENTITY)),
         ("token_ids", pa.list_(pa.int32())),
+        ("token_logprobs", pa.list_(pa.float32())),
+        ("caption_logprob", pa.float32()),
         ("error", pa.string()),
     ]
 )
