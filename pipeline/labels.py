@@ -1,8 +1,10 @@
-"""`kosmos-labels`: the parquet output -> COCO detection JSON, Label Studio predictions, or YOLO txt.
+"""`kosmos-labels`: the parquet output -> COCO detection JSON (or COCO's results list), Label Studio
+predictions, or YOLO txt; every box keeps its score, and `min_score=` drops the doubtful ones.
 
-    kosmos-labels format=coco output.dir=labels/ dest=coco.json
-    kosmos-labels format=labelstudio output.dir=labels/ dest=tasks.json
-    kosmos-labels format=yolo output.dir=labels/ dest=yolo/
+    kosmos-labels format=coco output.dir=labels/ dest=coco.json min_score=0.5
+    kosmos-labels format=coco_results output.dir=labels/ dest=results.json
+    kosmos-labels format=labelstudio output.dir=labels/ dest=tasks.json labelstudio.document_root=/data
+    kosmos-labels format=yolo output.dir=labels/ dest=yolo/ yolo.confidence=true
 
 `dest` may not be inside the output folder unless its name starts with `_`: the folder must stay
 readable as one parquet table.
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from urllib.parse import quote
 from dataclasses import dataclass, field
 from itertools import chain, count
 from pathlib import Path
@@ -28,20 +31,45 @@ from pipeline.config import ConfigError, OutputConfig
 from pipeline.sink import committed_parts, existing_output
 
 log = logging.getLogger("kosmos-labels")
-FORMATS = ("coco", "labelstudio", "yolo")
+FORMATS = ("coco", "coco_results", "labelstudio", "yolo")
+
+
+@dataclass
+class LabelStudioOptions:
+    """Where Label Studio fetches each task's image from; with neither set, the path as annotated
+    (which Label Studio cannot open: it only shows images it serves or can fetch)."""
+
+    # The server's LOCAL_FILES_DOCUMENT_ROOT: images are referenced through its local-files route,
+    # `/data/local-files/?d=<path under this root>` (the project needs a Local Files storage there).
+    document_root: str | None = None
+    # Or a URL prefix (http(s)://, s3://, gs://) to which each image's id is appended: for folder
+    # input the id is the path under input.path, so upload that folder there.
+    url_prefix: str | None = None
+
+
+@dataclass
+class YoloOptions:
+    confidence: bool = False  # a sixth column with the box's score (`class cx cy w h conf`)
 
 
 @dataclass
 class LabelsConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
-    format: str = "coco"  # coco | labelstudio | yolo
-    dest: str | None = None  # a file (coco, labelstudio) or a folder (yolo)
+    format: str = "coco"  # coco | coco_results | labelstudio | yolo
+    dest: str | None = None  # a file (coco, coco_results, labelstudio) or a folder (yolo)
     # Categories in this order; other phrases are left out. Empty = every distinct (normalised) phrase.
     classes: list[str] = field(default_factory=list)
+    min_score: float = 0.0  # boxes scoring below this are left out
+    labelstudio: LabelStudioOptions = field(default_factory=LabelStudioOptions)
+    yolo: YoloOptions = field(default_factory=YoloOptions)
 
     def validate(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if not 0 <= self.min_score <= 1:
+            raise ConfigError(f"min_score={self.min_score} must be between 0 and 1")
+        if self.labelstudio.document_root and self.labelstudio.url_prefix:
+            raise ConfigError("set labelstudio.document_root or labelstudio.url_prefix, not both")
         folder = existing_output(self.output.dir)
         if not self.dest:
             raise ConfigError("dest is not set: say where to write, e.g. dest=coco.json")
@@ -62,6 +90,7 @@ class Box:
     y: float
     w: float
     h: float
+    score: float | None  # None in output folders written before scores existed
 
 
 def normalise(phrase: str) -> str:
@@ -76,15 +105,24 @@ def rows(folder: Path) -> Iterator[dict]:
                 yield from batch.to_pylist()
 
 
-def boxes(row: dict) -> list[Box]:
-    """Pixel boxes of a row, clipped to the image, with the normalised phrase as label."""
+def boxes(row: dict, min_score: float = 0.0) -> list[Box]:
+    """Pixel boxes of a row scoring at least `min_score`, clipped to the image, with the normalised
+    phrase as label."""
     width, height = row["width"], row["height"]
     out = []
     for entity in row["entities"] or []:
         for b in entity["boxes"]:
+            score = b.get("score")
+            if min_score and score is None:
+                raise ConfigError(
+                    f"min_score needs box scores, and the boxes of {row['id']!r} have none (an output folder "
+                    "written before scores existed): annotate it again with output.mode=overwrite, or leave min_score out"
+                )
+            if min_score and score < min_score:
+                continue
             x1, x2 = sorted((min(max(b["x1"], 0.0), 1.0), min(max(b["x2"], 0.0), 1.0)))
             y1, y2 = sorted((min(max(b["y1"], 0.0), 1.0), min(max(b["y2"], 0.0), 1.0)))
-            out.append(Box(normalise(entity["phrase"]), x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height))
+            out.append(Box(normalise(entity["phrase"]), x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height, score))
     return out
 
 
@@ -92,57 +130,110 @@ def usable(row: dict) -> bool:
     return row["error"] is None and bool(row["width"]) and bool(row["height"])
 
 
-def categories(folder: Path, classes: list[str]) -> list[str]:
+def categories(folder: Path, classes: list[str], min_score: float) -> list[str]:
     if classes:
         return [normalise(c) for c in classes]
     found = set()
     for row in rows(folder):
         if usable(row):
-            found.update(b.label for b in boxes(row))
+            found.update(b.label for b in boxes(row, min_score))
     return sorted(found)
 
 
-def write_coco(folder: Path, dest: Path, names: list[str]) -> dict:
+def _coco_boxes(folder: Path, names: list[str], min_score: float) -> Iterator[tuple[int, dict, Box]]:
+    """(COCO image id, row, box) of each wanted box, images numbered 1.. in output order."""
+    for image_id, row in enumerate((r for r in rows(folder) if usable(r)), start=1):
+        for box in boxes(row, min_score):
+            if box.label in names:
+                yield image_id, row, box
+
+
+def _bbox(box: Box) -> list[float]:
+    return [round(box.x, 2), round(box.y, 2), round(box.w, 2), round(box.h, 2)]
+
+
+def write_coco(folder: Path, dest: Path, names: list[str], min_score: float) -> dict:
     """COCO detection JSON, written as it is read: images, then annotations (a second pass)."""
     ids = {name: i + 1 for i, name in enumerate(names)}
     counts = {"images": 0, "annotations": 0}
     with atomic(dest) as f:
         f.write('{"info": {"description": "kosmos-annotate grounded boxes"}, "licenses": [], "images": [')
-        for image_id, row in enumerate(r for r in rows(folder) if usable(r)):
-            entry = {"id": image_id + 1, "file_name": row["id"], "width": row["width"], "height": row["height"]}
-            f.write(("," if image_id else "") + json.dumps(entry))
+        for image_id, row in enumerate((r for r in rows(folder) if usable(r)), start=1):
+            entry = {"id": image_id, "file_name": row["id"], "width": row["width"], "height": row["height"]}
+            f.write(("," if counts["images"] else "") + json.dumps(entry))
             counts["images"] += 1
         f.write('], "annotations": [')
-        for image_id, row in enumerate(r for r in rows(folder) if usable(r)):
-            for box in boxes(row):
-                if box.label not in ids:
-                    continue
-                bbox = [round(box.x, 2), round(box.y, 2), round(box.w, 2), round(box.h, 2)]
-                ann = {
-                    "id": counts["annotations"] + 1,
-                    "image_id": image_id + 1,
-                    "category_id": ids[box.label],
-                    "bbox": bbox,
-                    "area": round(bbox[2] * bbox[3], 2),
-                    "iscrowd": 0,
-                }
-                f.write(("," if counts["annotations"] else "") + json.dumps(ann))
-                counts["annotations"] += 1
+        for image_id, _, box in _coco_boxes(folder, ids, min_score):
+            bbox = _bbox(box)
+            ann = {
+                "id": counts["annotations"] + 1,
+                "image_id": image_id,
+                "category_id": ids[box.label],
+                "bbox": bbox,
+                "area": round(bbox[2] * bbox[3], 2),
+                "iscrowd": 0,
+                "score": box.score,
+            }
+            f.write(("," if counts["annotations"] else "") + json.dumps(ann))
+            counts["annotations"] += 1
         f.write('], "categories": ' + json.dumps([{"id": i, "name": n, "supercategory": "phrase"} for n, i in ids.items()]) + "}")
     return counts
 
 
-def write_labelstudio(folder: Path, dest: Path, names: list[str], model_version: str) -> dict:
-    """Label Studio tasks with predictions (rectanglelabels in percent of the image)."""
+def write_coco_results(folder: Path, dest: Path, names: list[str], min_score: float) -> dict:
+    """COCO's detection-results list (what `COCO.loadRes` reads), with the image and category ids of
+    `format=coco` on the same folder, classes and min_score."""
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    counts = {"detections": 0}
+    with atomic(dest) as f:
+        f.write("[")
+        for image_id, row, box in _coco_boxes(folder, ids, min_score):
+            if box.score is None:
+                raise ConfigError(
+                    f"format=coco_results needs box scores, and the boxes of {row['id']!r} have none (an output "
+                    "folder written before scores existed): annotate it again with output.mode=overwrite"
+                )
+            det = {"image_id": image_id, "category_id": ids[box.label], "bbox": _bbox(box), "score": box.score}
+            f.write(("," if counts["detections"] else "") + json.dumps(det))
+            counts["detections"] += 1
+        f.write("]")
+    return counts
+
+
+def image_reference(row: dict, options: LabelStudioOptions) -> str:
+    """The URL Label Studio loads a task's image from (see LabelStudioOptions)."""
+    if options.url_prefix:
+        return options.url_prefix.rstrip("/") + "/" + quote(row["id"])
+    if not options.document_root:
+        return row["source"]
+    root = Path(options.document_root).expanduser().resolve()
+    path = Path(row["source"]).expanduser().resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(
+            f"image {row['source']!r} (id {row['id']!r}) is not under labelstudio.document_root={options.document_root!r}: "
+            "set the document root to a folder that holds every image (Label Studio's LOCAL_FILES_DOCUMENT_ROOT)"
+        )
+    return "/data/local-files/?d=" + quote(path.relative_to(root).as_posix())
+
+
+def write_labelstudio(folder: Path, dest: Path, names: list[str], min_score: float, version: str, options: LabelStudioOptions) -> dict:
+    """Label Studio tasks with predictions (rectanglelabels in percent of the image). Each region
+    carries its box's score; each prediction the mean of its regions' scores, which Label Studio
+    sorts and filters tasks by."""
     wanted = set(names)
     counts = {"tasks": 0, "regions": 0}
+    if not (options.document_root or options.url_prefix):
+        log.warning(
+            "Tasks reference images by the path they were annotated from, which Label Studio cannot open: set "
+            "labelstudio.document_root=<its LOCAL_FILES_DOCUMENT_ROOT> or labelstudio.url_prefix=<where the images are served>"
+        )
     with atomic(dest) as f:
         f.write("[")
         for row in rows(folder):
             if not usable(row):
                 continue
             result = []
-            for k, box in enumerate(b for b in boxes(row) if b.label in wanted):
+            for k, box in enumerate(b for b in boxes(row, min_score) if b.label in wanted):
                 result.append(
                     {
                         "id": f"r{k}",
@@ -152,6 +243,7 @@ def write_labelstudio(folder: Path, dest: Path, names: list[str], model_version:
                         "original_width": row["width"],
                         "original_height": row["height"],
                         "image_rotation": 0,
+                        "score": box.score,
                         "value": {
                             "x": 100 * box.x / row["width"],
                             "y": 100 * box.y / row["height"],
@@ -162,7 +254,11 @@ def write_labelstudio(folder: Path, dest: Path, names: list[str], model_version:
                         },
                     }
                 )
-            task = {"data": {"image": row["source"], "id": row["id"]}, "predictions": [{"model_version": model_version, "result": result}]}
+            prediction = {"model_version": version, "result": result}
+            scores = [r["score"] for r in result if r["score"] is not None]
+            if scores:
+                prediction["score"] = sum(scores) / len(scores)
+            task = {"data": {"image": image_reference(row, options), "id": row["id"]}, "predictions": [prediction]}
             f.write(("," if counts["tasks"] else "") + json.dumps(task))
             counts["tasks"] += 1
             counts["regions"] += len(result)
@@ -170,10 +266,11 @@ def write_labelstudio(folder: Path, dest: Path, names: list[str], model_version:
     return counts
 
 
-def write_yolo(folder: Path, dest: Path, names: list[str]) -> dict:
-    """`classes.txt`, one `labels/<id less its extension>.txt` per image (`class cx cy w h`, normalised)
-    and `ids.tsv` (label file, id, source). Ids that would share a label file (`a.jpg`, `a.png`) keep
-    their extension in the name (`a.png.txt`), then a counter: every image gets its own file."""
+def write_yolo(folder: Path, dest: Path, names: list[str], min_score: float, confidence: bool) -> dict:
+    """`classes.txt`, one `labels/<id less its extension>.txt` per image (`class cx cy w h`, normalised,
+    then the score if `confidence`) and `ids.tsv` (label file, id, source). Ids that would share a
+    label file (`a.jpg`, `a.png`) keep their extension in the name (`a.png.txt`), then a counter:
+    every image gets its own file."""
     ids = {name: i for i, name in enumerate(names)}
     labels = dest / "labels"
     labels.mkdir(parents=True, exist_ok=True)
@@ -188,8 +285,8 @@ def write_yolo(folder: Path, dest: Path, names: list[str]) -> dict:
                 continue
             lines = [
                 f"{ids[b.label]} {(b.x + b.w / 2) / row['width']:.6f} {(b.y + b.h / 2) / row['height']:.6f} "
-                f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}\n"
-                for b in boxes(row)
+                f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}" + (f" {_confidence(b, row):.6f}" if confidence else "") + "\n"
+                for b in boxes(row, min_score)
                 if b.label in ids
             ]
             name = _label_file(row["id"], used)
@@ -202,6 +299,15 @@ def write_yolo(folder: Path, dest: Path, names: list[str]) -> dict:
             counts["images"] += 1
             counts["boxes"] += len(lines)
     return counts
+
+
+def _confidence(box: Box, row: dict) -> float:
+    if box.score is None:
+        raise ConfigError(
+            f"yolo.confidence needs box scores, and the boxes of {row['id']!r} have none (an output folder written "
+            "before scores existed): annotate it again with output.mode=overwrite"
+        )
+    return box.score
 
 
 def _label_file(item_id: str, used: set[str]) -> str:
@@ -236,15 +342,17 @@ class atomic:
 def export_labels(cfg: LabelsConfig) -> dict:
     cfg.validate()
     folder, dest = Path(cfg.output.dir).expanduser(), Path(cfg.dest).expanduser()
-    names = categories(folder, cfg.classes)
+    names = categories(folder, cfg.classes, cfg.min_score)
     if cfg.format == "coco":
-        return write_coco(folder, dest, names)
+        return write_coco(folder, dest, names, cfg.min_score)
+    if cfg.format == "coco_results":
+        return write_coco_results(folder, dest, names, cfg.min_score)
     if cfg.format == "labelstudio":
         settings = folder / "_settings.json"
         meta = json.loads(settings.read_text()) if settings.exists() else {}
         version = f"kosmos-2 {meta.get('model.source', '')} {meta.get('model.weight_format', '')}".strip()
-        return write_labelstudio(folder, dest, names, version)
-    return write_yolo(folder, dest, names)
+        return write_labelstudio(folder, dest, names, cfg.min_score, version, cfg.labelstudio)
+    return write_yolo(folder, dest, names, cfg.min_score, cfg.yolo.confidence)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, InputConfig, OutputConfig
-from pipeline.labels import LabelsConfig, export_labels
+from pipeline.labels import LabelsConfig, LabelStudioOptions, YoloOptions, export_labels
 from pipeline.run import run
 from tests.conftest import EXAMPLES
 from tests.test_run import config
@@ -45,8 +45,9 @@ def parquet_boxes(folder: Path) -> dict[str, list]:
     return out
 
 
-def labels(folder, fmt, dest, **kw) -> dict:
-    return export_labels(LabelsConfig(output=OutputConfig(dir=str(folder)), format=fmt, dest=str(dest), **kw))
+def labels(folder, fmt, dest, labelstudio=None, yolo=None, **kw) -> dict:
+    options = {"labelstudio": LabelStudioOptions(**labelstudio or {}), "yolo": YoloOptions(**yolo or {})}
+    return export_labels(LabelsConfig(output=OutputConfig(dir=str(folder)), format=fmt, dest=str(dest), **options, **kw))
 
 
 def test_coco_loads_with_pycocotools_and_round_trips_boxes(labels_dir, tmp_path):
@@ -159,3 +160,86 @@ def test_command(labels_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Wrote coco to" in proc.stderr + proc.stdout and (tmp_path / "c.json").exists()
+
+
+# --------------------------------------------------------------------------- scores
+
+
+@pytest.fixture
+def scored_folder(tmp_path) -> Path:
+    """Two real images with boxes of known scores (one box per score)."""
+    from pipeline.sink import SCHEMA
+
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for name, scores in [("chelsea.png", [0.9, 0.2]), ("coffee.png", [0.6])]:
+        (images / name).write_bytes((EXAMPLES / name).read_bytes())
+        entities = [{"phrase": "a cat" if k == 0 else "a mat", "start": 0, "end": 1, "score": s,
+                     "boxes": [{"x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": s}]} for k, s in enumerate(scores)]
+        rows.append({"id": name, "source": str(images / name), "width": 400, "height": 300, "prompt": "p", "caption": "c",
+                     "token_ids": [1], "entities": entities, "error": None})
+    folder = tmp_path / "out"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "part-00000-00000.parquet")
+    return folder
+
+
+def test_every_format_keeps_scores_and_min_score_drops_boxes(scored_folder, tmp_path):
+    from pycocotools.coco import COCO
+
+    labels(scored_folder, "coco", tmp_path / "coco.json", min_score=0.5)
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert [a["score"] for a in coco["annotations"]] == pytest.approx([0.9, 0.6])
+    assert [c["name"] for c in coco["categories"]] == ["a cat"]  # "a mat" scored 0.2 only
+
+    assert labels(scored_folder, "coco_results", tmp_path / "results.json") == {"detections": 3}
+    gt = COCO(str(tmp_path / "coco.json"))
+    labels(scored_folder, "coco_results", tmp_path / "results.json", min_score=0.5)
+    results = gt.loadRes(str(tmp_path / "results.json"))  # pycocotools reads it against the COCO file
+    assert sorted(a["score"] for a in results.loadAnns(results.getAnnIds())) == pytest.approx([0.6, 0.9])
+    assert {a["image_id"] for a in results.loadAnns(results.getAnnIds())} == set(gt.getImgIds())
+
+    labels(scored_folder, "labelstudio", tmp_path / "tasks.json", min_score=0.5)
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    assert [r["score"] for t in tasks for r in t["predictions"][0]["result"]] == pytest.approx([0.9, 0.6])
+    labels(scored_folder, "labelstudio", tmp_path / "tasks.json")
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    assert [t["predictions"][0]["score"] for t in tasks] == pytest.approx([0.55, 0.6])  # the mean of its regions
+
+    labels(scored_folder, "yolo", tmp_path / "yolo", min_score=0.5, yolo={"confidence": True})
+    lines = (tmp_path / "yolo" / "labels" / "chelsea.txt").read_text().splitlines()
+    assert len(lines) == 1 and float(lines[0].split()[5]) == pytest.approx(0.9)
+    labels(scored_folder, "yolo", tmp_path / "yolo2")
+    assert [len(line.split()) for line in (tmp_path / "yolo2" / "labels" / "chelsea.txt").read_text().splitlines()] == [5, 5]
+
+
+def test_scores_are_required_only_where_used(tmp_path):
+    """A folder from before scores existed still exports, but min_score and coco_results say why they cannot."""
+    from pipeline.sink import SCHEMA
+
+    row = {"id": "a.jpg", "source": "/data/a.jpg", "width": 10, "height": 10, "entities": [
+        {"phrase": "cat", "start": 0, "end": 3, "boxes": [{"x1": 0.1, "y1": 0.1, "x2": 0.5, "y2": 0.5}]}], "error": None}
+    folder = tmp_path / "old"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), folder / "part-00000-00000.parquet")
+    assert labels(folder, "coco", tmp_path / "c.json")["annotations"] == 1
+    with pytest.raises(ConfigError, match="min_score needs box scores.*'a.jpg'"):
+        labels(folder, "coco", tmp_path / "c.json", min_score=0.3)
+    with pytest.raises(ConfigError, match="coco_results needs box scores"):
+        labels(folder, "coco_results", tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_labelstudio_image_references(scored_folder, tmp_path, caplog):
+    root = scored_folder.parent / "data"
+    labels(scored_folder, "labelstudio", tmp_path / "t.json", labelstudio={"document_root": str(root)})
+    assert [t["data"]["image"] for t in json.loads((tmp_path / "t.json").read_text())] == [
+        "/data/local-files/?d=images/chelsea.png", "/data/local-files/?d=images/coffee.png"]
+    labels(scored_folder, "labelstudio", tmp_path / "t.json", labelstudio={"url_prefix": "s3://bucket/photos/"})
+    assert json.loads((tmp_path / "t.json").read_text())[0]["data"]["image"] == "s3://bucket/photos/chelsea.png"
+    with pytest.raises(ConfigError, match="is not under labelstudio.document_root"):
+        labels(scored_folder, "labelstudio", tmp_path / "t.json", labelstudio={"document_root": str(tmp_path / "elsewhere")})
+    with caplog.at_level("WARNING"):
+        labels(scored_folder, "labelstudio", tmp_path / "t.json")
+    assert "Label Studio cannot open" in caplog.text
