@@ -1,10 +1,12 @@
 """`kosmos-gallery output.dir=labels/`: a static HTML page to look at an output folder.
 
-Writes `labels/_gallery/index.html`, thumbnails with the boxes drawn (`thumbs/`), and the rows as
-JavaScript pages (`pages/page-NNNNN.js`, loaded with <script> so the page works from file:// with no
-server). Rows are read in record batches and a page is written as soon as it is full, so a large
-output never sits in memory. Each entity is highlighted in the caption in its box's colour, and the
-phrase filter knows which pages hold each phrase.
+Writes `labels/_gallery/index.html`, thumbnails (`thumbs/`), and the rows as JavaScript pages
+(`pages/page-NNNNN.js`, loaded with <script> so the page works from file:// with no server). Rows are
+read in record batches and a page is written as soon as it is full, so a large output never sits in
+memory. Boxes are drawn by the page over the thumbnail, labelled with their phrase and score, so the
+score threshold can hide the doubtful ones; each entity is highlighted in the caption in its box's
+colour, and the phrase filter knows which pages hold each phrase. Filters and page live in the URL
+(`?phrase=a%20cat&score=0.5&page=2`), so a view can be shared.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError, OutputConfig
-from pipeline.grounding import Entity
 from pipeline.preview import colour, preview_name, write_preview
 from pipeline.sink import committed_parts, existing_output
 
@@ -48,21 +49,30 @@ def _hex(index: int) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> str | None:
-    """The row's preview if the run made one, else the source image with boxes drawn; None if neither."""
+def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> tuple[str | None, bool]:
+    """(thumbnail, whether its boxes are drawn in): the source image, upright (boxes refer to the
+    upright image), for the page to draw boxes on; else the run's preview, boxes drawn in; else none."""
     name = preview_name(row["id"])
-    entities = [Entity.from_row(e) for e in row["entities"] or []]
-    for source in (folder / "_previews" / name, Path(row["source"])):
+    for source, drawn in ((Path(row["source"]), False), (folder / "_previews" / name, True)):
         try:
             with Image.open(source) as im:
-                image = ImageOps.exif_transpose(im).convert("RGB")  # boxes refer to the upright image
+                image = ImageOps.exif_transpose(im).convert("RGB")
         except (OSError, ValueError):
             continue
         image.thumbnail((side, side))
-        drawn = [] if source.parent.name == "_previews" else entities  # previews already have boxes
-        write_preview(thumbs, row["id"], image, drawn, side, 85)
-        return f"thumbs/{name}"
-    return None
+        write_preview(thumbs, row["id"], image, [], side, 85)
+        return f"thumbs/{name}", drawn
+    return None, False
+
+
+def _entity(entity: dict, index: int) -> dict:
+    """An entity as the page draws it: span, colour, score, and boxes as [x1, y1, x2, y2, score]."""
+    def rounded(v):
+        return None if v is None else round(v, 4)
+
+    boxes = [[rounded(b[k]) for k in ("x1", "y1", "x2", "y2")] + [rounded(b.get("score"))] for b in entity["boxes"]]
+    return {"phrase": entity["phrase"], "start": entity["start"], "end": entity["end"], "colour": _hex(index),
+            "score": rounded(entity.get("score")), "boxes": boxes}
 
 
 def build(cfg: GalleryConfig) -> dict:
@@ -86,12 +96,10 @@ def build(cfg: GalleryConfig) -> dict:
         with pq.ParquetFile(part) as f:
             for batch in f.iter_batches(columns=columns, batch_size=256):
                 for row in batch.to_pylist():
-                    entities = [
-                        {"phrase": e["phrase"], "start": e["start"], "end": e["end"], "colour": _hex(i), "boxes": len(e["boxes"])}
-                        for i, e in enumerate(row["entities"] or [])
-                    ]
+                    entities = [_entity(e, i) for i, e in enumerate(row["entities"] or [])]
                     for e in entities:
                         phrase_pages.setdefault(e["phrase"].lower(), set()).add(pages)
+                    thumb, drawn = (None, False) if row["error"] else _thumbnail(folder, row, out / "thumbs", cfg.gallery.thumb_side)
                     page.append(
                         {
                             "id": row["id"],
@@ -99,7 +107,8 @@ def build(cfg: GalleryConfig) -> dict:
                             "error": row["error"],
                             "size": [row["width"], row["height"]],
                             "entities": entities,
-                            "thumb": None if row["error"] else _thumbnail(folder, row, out / "thumbs", cfg.gallery.thumb_side),
+                            "thumb": thumb,
+                            "drawn": drawn,
                         }
                     )
                     rows_seen += 1
@@ -119,10 +128,15 @@ PAGE = """<!doctype html>
  header { display: flex; gap: 1em; align-items: center; flex-wrap: wrap; margin-bottom: 1em; }
  #grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 12px; }
  .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; }
- .card img { width: 100%; height: auto; display: block; border-radius: 4px; }
+ .thumb { position: relative; }
+ .thumb img { width: 100%; height: auto; display: block; border-radius: 4px; }
+ .box { position: absolute; border: 2px solid; box-sizing: border-box; pointer-events: none; }
+ .box span { position: absolute; left: -2px; top: -2px; font-size: 11px; color: #fff; padding: 0 3px; white-space: nowrap; }
  .id { color: #666; font-size: 12px; word-break: break-all; margin: 4px 0; }
  .entity { border-bottom: 3px solid; padding: 0 1px; }
+ .entity.below { border-bottom-style: dotted; color: #999; }
  .error { color: #b00; }
+ #score { width: 5em; }
  button { padding: 4px 10px; }
 </style>
 <script src="index.js"></script></head>
@@ -130,6 +144,7 @@ PAGE = """<!doctype html>
 <header>
  <strong>{{title}}</strong> <span id="count"></span>
  <input id="filter" placeholder="filter by phrase" list="phrases"><datalist id="phrases"></datalist>
+ <label>min score <input id="score" type="number" min="0" max="1" step="0.05" value="0"></label>
  <button id="prev">&larr; previous</button> <span id="pageinfo"></span> <button id="next">next &rarr;</button>
 </header>
 <div id="grid"></div>
@@ -152,6 +167,10 @@ function el(tag, attrs, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
+function minScore() { return Number(document.getElementById("score").value) || 0; }
+// A box is shown when it scores at least the threshold (a box without a score is always shown).
+function shown(box) { return box[4] === null || box[4] >= minScore(); }
+function scoreText(v) { return v === null ? "" : " " + v.toFixed(2); }
 function caption(row) {
   const p = el("div");
   if (row.error) { p.appendChild(el("span", {className: "error"}, row.error)); return p; }
@@ -160,7 +179,9 @@ function caption(row) {
   for (const e of [...row.entities].sort((a, b) => a.start - b.start)) {
     if (e.start < at) continue;
     p.appendChild(document.createTextNode(text.slice(at, e.start)));
-    const s = el("span", {className: "entity", title: e.boxes + " box(es)"}, text.slice(e.start, e.end));
+    const faint = e.boxes.length && !e.boxes.some(shown);
+    const title = "score" + scoreText(e.score) + "; boxes:" + e.boxes.map((b) => scoreText(b[4])).join(",");
+    const s = el("span", {className: faint ? "entity below" : "entity", title: title}, text.slice(e.start, e.end));
     s.style.borderColor = e.colour;
     p.appendChild(s);
     at = e.end;
@@ -168,12 +189,37 @@ function caption(row) {
   p.appendChild(document.createTextNode(text.slice(at)));
   return p;
 }
+function thumb(row) {
+  const t = el("div", {className: "thumb"});
+  t.appendChild(el("img", {src: row.thumb, alt: row.id, loading: "lazy"}));
+  if (row.drawn) return t;  // the run's preview: boxes drawn in already
+  for (const e of row.entities) {
+    for (const b of e.boxes.filter(shown)) {
+      const [x1, x2] = [Math.min(b[0], b[2]), Math.max(b[0], b[2])], [y1, y2] = [Math.min(b[1], b[3]), Math.max(b[1], b[3])];
+      const box = el("div", {className: "box", title: e.phrase + scoreText(b[4])});
+      Object.assign(box.style, {left: 100 * x1 + "%", top: 100 * y1 + "%", width: 100 * (x2 - x1) + "%",
+                                height: 100 * (y2 - y1) + "%", borderColor: e.colour});
+      const label = el("span", {}, e.phrase + scoreText(b[4]));
+      label.style.background = e.colour;
+      box.appendChild(label);
+      t.appendChild(box);
+    }
+  }
+  return t;
+}
 function card(row) {
   const c = el("div", {className: "card"});
-  if (row.thumb) c.appendChild(el("img", {src: row.thumb, alt: row.id, loading: "lazy"}));
+  if (row.thumb) c.appendChild(thumb(row));
   c.appendChild(el("div", {className: "id"}, row.id + (row.size[0] ? "  " + row.size[0] + "x" + row.size[1] : "")));
   c.appendChild(caption(row));
   return c;
+}
+function remember(phrase) {
+  const q = new URLSearchParams();
+  if (phrase) q.set("phrase", phrase);
+  if (minScore()) q.set("score", String(minScore()));
+  if (!phrase && current) q.set("page", String(current + 1));
+  try { history.replaceState(null, "", "?" + q.toString()); } catch (e) { /* some browsers refuse on file:// */ }
 }
 async function show() {
   const grid = document.getElementById("grid");
@@ -182,23 +228,28 @@ async function show() {
   let rows;
   if (phrase) {
     const pages = GALLERY.phrases[phrase] || [];
+    const has = (r) => r.entities.some((e) => e.phrase.toLowerCase() === phrase && (!minScore() || e.boxes.some(shown)));
     rows = [];
-    for (const n of pages) rows.push(...(await load(n)).filter((r) => r.entities.some((e) => e.phrase.toLowerCase() === phrase)));
-    document.getElementById("pageinfo").textContent = rows.length + " with \\u201c" + phrase + "\\u201d";
+    for (const n of pages) rows.push(...(await load(n)).filter(has));
+    const above = minScore() ? " scoring \\u2265 " + minScore() : "";
+    document.getElementById("pageinfo").textContent = rows.length + " with \\u201c" + phrase + "\\u201d" + above;
   } else {
     rows = GALLERY.pages ? await load(current) : [];
     document.getElementById("pageinfo").textContent = "page " + (current + 1) + " of " + Math.max(GALLERY.pages, 1);
   }
   for (const row of rows) grid.appendChild(card(row));
+  remember(phrase);
 }
 document.getElementById("count").textContent = GALLERY.rows + " images";
 const list = document.getElementById("phrases");
 for (const p of Object.keys(GALLERY.phrases)) list.appendChild(el("option", {value: p}));
 document.getElementById("filter").addEventListener("change", show);
+document.getElementById("score").addEventListener("change", show);
 document.getElementById("prev").addEventListener("click", () => { if (current > 0) { current--; show(); } });
 document.getElementById("next").addEventListener("click", () => { if (current + 1 < GALLERY.pages) { current++; show(); } });
 const start = new URLSearchParams(location.search);
 if (start.get("phrase")) document.getElementById("filter").value = start.get("phrase");
+if (start.get("score")) document.getElementById("score").value = start.get("score");
 if (start.get("page")) current = Math.max(0, Math.min(GALLERY.pages - 1, Number(start.get("page")) - 1));
 show();
 </script>

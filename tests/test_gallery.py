@@ -82,28 +82,68 @@ def test_paging_and_phrase_filter(gallery, tmp_path):
     assert not [line for line in log.splitlines() if ":CONSOLE" in line], log
 
 
-def test_thumbnails_of_phone_photos_are_upright(tmp_path):
-    """Without previews the gallery draws on the source image: turned by its EXIF orientation first,
-    since boxes refer to the upright image."""
+def write_rows(folder: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.sink import SCHEMA
 
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "part-00000-00000.parquet")
+    return folder
+
+
+def test_thumbnails_of_phone_photos_are_upright(tmp_path):
+    """The thumbnail is the source image turned by its EXIF orientation, since boxes (drawn by the
+    page in fractions of the image) refer to the upright image."""
     photo = Image.new("RGB", (120, 80), (0, 0, 0))  # stored landscape, shown portrait (orientation 6)
+    photo.paste((255, 255, 255), (0, 0, 30, 80))  # the stored left edge: the top once turned
     exif = Image.Exif()
     exif[0x0112] = 6
     photo.save(tmp_path / "phone.jpg", exif=exif)
-    box = {"x1": 0.0, "y1": 0.0, "x2": 0.5, "y2": 0.25}  # the top-left of the upright 80x120 image
+    box = {"x1": 0.0, "y1": 0.0, "x2": 0.5, "y2": 0.25, "score": 0.5}
     row = {"id": "phone.jpg", "source": str(tmp_path / "phone.jpg"), "width": 80, "height": 120, "prompt": "p",
            "caption": "a box", "token_ids": [1], "error": None,
-           "entities": [{"phrase": "a box", "start": 0, "end": 5, "boxes": [box]}]}
-    out = tmp_path / "out"
-    out.mkdir()
-    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), out / "part-00000-00000.parquet")
+           "entities": [{"phrase": "a box", "start": 0, "end": 5, "score": 0.5, "boxes": [box]}]}
+    out = write_rows(tmp_path / "out", [row])
     build(GalleryConfig(output=OutputConfig(dir=str(out))))
     (thumb,) = (out / "_gallery" / "thumbs").iterdir()
-    image = np.asarray(Image.open(thumb).convert("RGB"), dtype=int)
+    image = np.asarray(Image.open(thumb).convert("L"), dtype=int)
     assert image.shape[0] > image.shape[1]  # portrait
-    rows, cols = np.nonzero(image.sum(axis=2) > 150)  # the box and its label, on black
-    assert rows.mean() < image.shape[0] / 2 and cols.mean() < image.shape[1] / 2  # drawn at the top left
+    assert image[: image.shape[0] // 4].mean() > 200 and image[image.shape[0] // 2 :].mean() < 30  # the white band on top
+
+
+@pytest.fixture(scope="module")
+def scored_gallery(tmp_path_factory) -> Path:
+    """Two photos with boxes of known scores: chelsea a cat 0.9 and a mat 0.2, coffee a cat 0.6."""
+    tmp = tmp_path_factory.mktemp("scored")
+    rows = []
+    for name, entities in [("chelsea.png", [("a cat", 0.9), ("a mat", 0.2)]), ("coffee.png", [("a cat", 0.6)])]:
+        shutil.copy(EXAMPLES / name, tmp / name)
+        rows.append({"id": name, "source": str(tmp / name), "width": 400, "height": 300, "prompt": "p",
+                     "caption": " and ".join(p for p, _ in entities), "token_ids": [1], "error": None, "entities": [
+                         {"phrase": p, "start": k * 10, "end": k * 10 + len(p), "score": s,
+                          "boxes": [{"x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": s}]}
+                         for k, (p, s) in enumerate(entities)]})
+    out = write_rows(tmp / "out", rows)
+    build(GalleryConfig(output=OutputConfig(dir=str(out))))
+    return out / "_gallery"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_boxes_show_their_scores_and_the_threshold_hides_doubtful_ones(scored_gallery, tmp_path):
+    url = scored_gallery.joinpath("index.html").as_uri()
+    dom, log = chromium(url, tmp_path, "--dump-dom")
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line], log
+    assert dom.count('class="box"') == 3
+    assert "a cat 0.90" in dom and "a mat 0.20" in dom and "a cat 0.60" in dom
+    assert 'left: 10%; top: 20%; width: 40%; height: 40%' in dom  # drawn where the box is, over the photo
+
+    dom, _ = chromium(url + "?score=0.5", tmp_path, "--dump-dom")
+    assert dom.count('class="box"') == 2 and "a mat 0.20" not in dom
+    assert dom.count('class="entity below"') == 1  # "a mat" in the caption: all its boxes are hidden
+    assert 'id="score" type="number" min="0" max="1" step="0.05" value="0"' in dom  # the control...
+    dom, _ = chromium(url + "?phrase=a%20cat&score=0.7", tmp_path, "--dump-dom")
+    assert dom.count('class="card"') == 1 and "chelsea.png" in dom and "scoring" in dom
+    dom, _ = chromium(url + "?phrase=a%20mat&score=0.5", tmp_path, "--dump-dom")
+    assert dom.count('class="card"') == 0
