@@ -37,6 +37,10 @@ class ModelConfig:
     dir: str | None = None
     # fp32 | fp16 | int8 | int4 (int8/int4: NNCF weight compression).
     weight_format: str = "int8"
+    # After exporting, caption the sample photos with transformers and with the export (pipeline/verify.py).
+    verify_after_export: bool = True
+    # ...and warn (kosmos-export verify=true: exit 4) below this fraction of identical captions.
+    min_identical: float = 0.6
 
     def validate(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
@@ -45,6 +49,8 @@ class ModelConfig:
             )
         if not self.source:
             raise ConfigError("model.source is empty: give a hub id or a local checkpoint folder")
+        if not 0 <= self.min_identical <= 1:
+            raise ConfigError(f"model.min_identical={self.min_identical} must be between 0 and 1")
 
 
 @dataclass

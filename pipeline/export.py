@@ -6,8 +6,12 @@ The graphs each do all of their own math, so the run needs neither torch nor tra
   token_embedder  input_ids[B,T] -> token embeddings[B,T,D]  (unscaled, as `embed_tokens` gives them)
   text_decoder    inputs_embeds, attention_mask, position_ids, beam_idx -> logits of the last position;
                   stateful: the KV cache lives in the infer request, `beam_idx` reorders or drops its rows.
-An export is written to a temporary folder and renamed into place, with `manifest.json` written last,
+An export is written to a temporary folder, checked against transformers on the weights just loaded
+(pipeline/verify.py), and renamed into place, with `manifest.json` (holding that check) written last,
 so a folder with a complete manifest is a complete export.
+
+    kosmos-export                       # export the configured model unless model.dir already holds it
+    kosmos-export verify=true           # and check an existing export again (exit 4 if it disagrees)
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, EngineConfig, ModelConfig
 from pipeline.locks import flock
 
 log = logging.getLogger(__name__)
@@ -91,8 +96,9 @@ def stale_reason(cfg: ModelConfig, path: Path) -> str | None:
     return None
 
 
-def ensure_export(cfg: ModelConfig) -> Path:
-    """Export unless `model.dir` already holds a matching export; returns the folder.
+def ensure_export(cfg: ModelConfig, engine: EngineConfig | None = None) -> Path:
+    """Export unless `model.dir` already holds a matching export; returns the folder. `engine` gives
+    the device and threads that the check after exporting runs with.
 
     Shards started together (a cluster job, `-m cluster=local`) would each export the checkpoint:
     an flock beside the folder lets exactly one export while the others wait and then load it.
@@ -106,7 +112,7 @@ def ensure_export(cfg: ModelConfig) -> Path:
     def waiting() -> None:
         log.info("Another process is exporting to %s; waiting for it", path)
 
-    with flock(path.parent / f".{path.name}.lock", on_wait=waiting):
+    with flock(_lock(path), on_wait=waiting):
         reason = stale_reason(cfg, path)
         if reason is None:
             log.info("Using the export in %s", path)
@@ -115,8 +121,12 @@ def ensure_export(cfg: ModelConfig) -> Path:
             "No usable export in %s (%s): exporting %s as %s first; the real model takes about a minute",
             path, reason, cfg.source, cfg.weight_format,
         )
-        _export(cfg, path)
+        _export(cfg, path, engine or EngineConfig())
     return path
+
+
+def _lock(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
 
 
 # --------------------------------------------------------------------------- loading
@@ -343,7 +353,7 @@ def _versions() -> dict:
     return out
 
 
-def _export(cfg: ModelConfig, path: Path) -> None:
+def _export(cfg: ModelConfig, path: Path, engine: EngineConfig) -> None:
     import openvino as ov
 
     started = time.perf_counter()
@@ -360,20 +370,51 @@ def _export(cfg: ModelConfig, path: Path) -> None:
             ov.save_model(ov_model, tmp / f"{name}.xml", compress_to_fp16=cfg.weight_format == "fp16")
         processor.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "key": _wanted(cfg),
             "resolved_commit": getattr(model.config, "_commit_hash", None),
             "versions": _versions(),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "export_seconds": round(time.perf_counter() - started, 1),
-            "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
+            "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # the check loads the export as a run does
+        if cfg.verify_after_export:
+            manifest["verification"] = _verify(tmp, model, processor, cfg, engine)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("Exported to %s in %.1f s", path, time.perf_counter() - started)
+
+
+def _verify(path: Path, model, processor, cfg: ModelConfig, engine: EngineConfig) -> dict:
+    """The check of pipeline/verify.py as a manifest record. A check that crashes is reported and
+    recorded, never allowed to throw away the export it checks."""
+    from pipeline.verify import as_record, report, verify
+
+    try:
+        result = verify(path, model, processor, cfg.weight_format, engine, cfg.min_identical)
+    except Exception as e:  # noqa: BLE001 - the export stays usable; the record says what went wrong
+        log.exception("The check of the export against transformers failed to run")
+        return {"error": f"{type(e).__name__}: {e}", "passed": False}
+    report(result)
+    return as_record(result)
+
+
+def verify_existing(cfg: ModelConfig, engine: EngineConfig, path: Path) -> dict:
+    """Check an existing export again (the checkpoint is loaded) and record it in its manifest."""
+    model, processor = load_checkpoint(cfg)
+    with flock(_lock(path)):
+        record = _verify(path, model, processor, cfg, engine)
+        manifest = read_manifest(path)
+        manifest["verification"] = record
+        tmp = path / f".{MANIFEST}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, path / MANIFEST)
+    return record
 
 
 def _refuse_foreign_folder(path: Path) -> None:
@@ -399,10 +440,29 @@ def _replace(tmp: Path, path: Path) -> None:
 # --------------------------------------------------------------------------- command
 
 
+@dataclass
+class ExportConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # device and threads of the check
+    verify: bool = False  # check an existing export against transformers again (loads the checkpoint)
+
+
 def main() -> None:
     from pipeline.cli import command
+    from pipeline.verify import VerificationFailed
 
-    command("config", lambda cfg: print(f"Export ready: {ensure_export(cfg.model)}"), log)
+    def work(cfg: ExportConfig) -> None:
+        cfg.model.validate()
+        fresh = stale_reason(cfg.model, export_dir(cfg.model)) is not None  # the export checks itself
+        path = ensure_export(cfg.model, cfg.engine)
+        record = verify_existing(cfg.model, cfg.engine, path) if cfg.verify and not fresh else read_manifest(path).get("verification")
+        print(f"Export ready: {path}")
+        if record:
+            print(f"Verification: {record.get('summary') or record.get('error')}")
+        if cfg.verify and not (record or {}).get("passed"):
+            raise VerificationFailed(f"see {path / MANIFEST} (verification)")
+
+    command("export", work, log, schema=ExportConfig)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
     started = time.perf_counter()
     prepare(cfg)
     schema = sinks.output_schema(sources.keep_schema(cfg.input))
-    model_dir = ensure_export(cfg.model)  # may fail on the checkpoint: before the output folder is touched
+    model_dir = ensure_export(cfg.model, cfg.engine)  # may fail on the checkpoint: before the output folder is touched
     check_positions(cfg.engine, model_dir)
     shard = cfg.input.shard_index
     with sinks.exclusive(output_dir, shard):
