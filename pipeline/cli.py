@@ -3,7 +3,7 @@
 
 Exit statuses: 0 done; 2 a bad invocation (a config Hydra cannot compose, a bad value, an unusable
 input or output folder), nothing written; 3 an aborted run (run.max_error_rate), committed work kept;
-1 an unexpected error (a bug: the traceback is on stderr). Logs go to stderr (see conf/)."""
+4 an export that disagrees with transformers (kosmos-export verify=true); 1 an unexpected error (a bug: the traceback is on stderr). Logs go to stderr (see conf/)."""
 
 from __future__ import annotations
 
