@@ -1,9 +1,10 @@
-"""The Hydra wrapper the four commands share: the typed config composed from `conf/`, and a
+"""The Hydra wrapper the commands share: the typed config composed from `conf/`, and a
 `UserError` reported as one log line and an exit status, never a traceback.
 
 Exit statuses: 0 done; 2 a bad invocation (a config Hydra cannot compose, a bad value, an unusable
 input or output folder), nothing written; 3 an aborted run (run.max_error_rate), committed work kept;
-4 an export that disagrees with transformers (kosmos-export verify=true); 1 an unexpected error (a bug: the traceback is on stderr). Logs go to stderr (see conf/)."""
+4 an export that disagrees with transformers (kosmos-export verify=true); 5 a stalled shard
+(kosmos-status); 1 an unexpected error (a bug: the traceback is on stderr). Logs go to stderr (see conf/)."""
 
 from __future__ import annotations
 

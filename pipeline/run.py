@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,13 @@ class RunAborted(UserError):
 
 @dataclass
 class Summary:
+    # running (rewritten at every part commit) | finished | aborted | failed; a run killed outright
+    # stays `running`: kosmos-status then looks at its pid and its last commit.
+    status: str = "running"
+    started_at: str = ""
+    updated_at: str = ""
+    host: str = ""
+    pid: int = 0
     items: int = 0  # rows written by this run
     errors: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
@@ -128,25 +137,52 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
         if len(done):
             log.info("Resuming: %d items are already in %s and will be skipped", len(done), output_dir)
         summary = Summary(
+            started_at=_now(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
             output_dir=str(output_dir),
             shard=f"{shard}/{cfg.input.num_shards}",
             model=cfg.model.source,
             weight_format=cfg.model.weight_format,
         )
-        sink = sinks.ParquetSink(
-            output_dir, schema, cfg.output.rows_per_file, cfg.output.flush_seconds, cfg.output.compression, shard
-        )
-        try:
-            _annotate(cfg, model_dir, output_dir, done, sink, summary, started)
-        finally:
-            sink.close()  # whatever happens, rows already annotated are committed
+
+        def record(status: str = "running") -> None:
+            summary.status, summary.updated_at = status, _now()
             summary.parts = [p.name for p in sink.parts]
             summary.wall_seconds = round(time.perf_counter() - started, 2)
-            record = {**asdict(summary), "config": asdict(cfg)}
-            (output_dir / f"_summary-{shard:05d}.json" if cfg.input.num_shards > 1 else output_dir / SUMMARY).write_text(
-                json.dumps(record, indent=2, default=str)
-            )
+            _write_summary(output_dir / summary_name(shard, cfg.input.num_shards), {**asdict(summary), "config": asdict(cfg)})
+
+        sink = sinks.ParquetSink(
+            output_dir, schema, cfg.output.rows_per_file, cfg.output.flush_seconds, cfg.output.compression, shard,
+            on_commit=record,
+        )
+        record()
+        status = "failed"
+        try:
+            _annotate(cfg, model_dir, output_dir, done, sink, summary, started)
+            status = "finished"
+        except RunAborted:
+            status = "aborted"
+            raise
+        finally:
+            sink.close()  # whatever happens, rows already annotated are committed
+            record(status)
     return summary
+
+
+def summary_name(shard: int, num_shards: int) -> str:
+    return f"_summary-{shard:05d}.json" if num_shards > 1 else SUMMARY
+
+
+def _write_summary(path: Path, record: dict) -> None:
+    """Replace the summary whole, so a reader (kosmos-status) never sees half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, summary: Summary, started: float) -> None:
@@ -160,7 +196,6 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
     scores = ScoreQuantiles()
     with _progress() as bar:
         for row in _rows(cfg, model, engine, _todo(cfg, done, summary), output_dir / PREVIEWS):
-            sink.add(row)
             summary.items += 1
             if row["error"] is not None:
                 summary.errors += 1
@@ -171,6 +206,7 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
             summary.generated_tokens += len(row["token_ids"] or [])
             scores.add(row)
             summary.images_per_s = round(summary.items / max(time.perf_counter() - loaded, 1e-9), 3)
+            sink.add(row)  # after the counts: a commit records a summary that includes this row
             bar.update(1)
             bar.set_postfix(errors=summary.errors, entities=summary.entities, refresh=False)
             _check_error_rate(cfg, summary)

@@ -174,6 +174,7 @@ class ParquetSink:
         flush_seconds: float,
         compression: str = "zstd",
         shard: int = 0,
+        on_commit=None,  # called after each part is committed (the run records its summary)
     ):
         self.folder = Path(folder)
         self.schema = schema
@@ -181,6 +182,7 @@ class ParquetSink:
         self.flush_seconds = flush_seconds
         self.compression = compression
         self.shard = shard
+        self.on_commit = on_commit
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(f".part-{shard:05d}-*.tmp"):  # a part a killed run never committed
             stale.unlink()
@@ -215,6 +217,8 @@ class ParquetSink:
         self._next += 1
         self._rows = []
         self.write_seconds += time.perf_counter() - started
+        if self.on_commit:
+            self.on_commit()
 
     def close(self) -> None:
         self.flush()

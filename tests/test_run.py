@@ -239,15 +239,22 @@ def test_command_annotates_a_folder(trained_checkpoint, trained_export, tmp_path
     assert (out / ".hydra" / "config.yaml").exists() and (out / "_summary.json").exists()
 
 
-@pytest.mark.parametrize("script", ["kosmos-annotate", "kosmos-export"])
-def test_console_scripts_find_their_config_from_anywhere(tmp_path, script):
+@pytest.mark.parametrize(
+    "script, override, message",
+    [
+        ("kosmos-annotate", "model.weight_format=int3", "model.weight_format='int3' is not one of"),
+        ("kosmos-export", "model.weight_format=int3", "model.weight_format='int3' is not one of"),
+        ("kosmos-status", "output.dir=nothing-here", "holds no part files"),
+    ],
+)
+def test_console_scripts_find_their_config_from_anywhere(tmp_path, script, override, message):
     """Installed entry points (not `python -m`) start from any folder and reach the config."""
     exe = Path(sys.executable).parent / script
     if not exe.exists():
         pytest.skip(f"{script} is not installed in this environment (pip install -e .)")
-    proc = subprocess.run([str(exe), "model.weight_format=int3"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run([str(exe), override], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "model.weight_format='int3' is not one of" in proc.stderr + proc.stdout
+    assert message in proc.stderr + proc.stdout
 
 
 @pytest.mark.parametrize(
