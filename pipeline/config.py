@@ -93,13 +93,14 @@ class EngineConfig:
 
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
-INPUT_KINDS = ("folder", "parquet")
+INPUT_KINDS = ("folder", "parquet", "webdataset")
 
 
 @dataclass
 class InputConfig:
-    kind: str = "folder"  # folder | parquet (set by the input group)
-    # A folder of images, or a parquet file / folder of parquet files / glob.
+    kind: str = "folder"  # folder | parquet | webdataset (set by the input group)
+    # A folder of images; a parquet file / folder of parquet files / glob; or WebDataset tar shards
+    # (`shards/{00000..00099}.tar`, brace ranges and globs).
     path: str | None = None
     extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     # parquet only: a column of paths, of bytes, or of {bytes, path} structs (Hugging Face datasets).
@@ -107,6 +108,7 @@ class InputConfig:
     id_column: str | None = None  # default: the path, else the row number
     prompt_column: str | None = None  # a per-row prompt; null or empty cells take `prompt`
     phrases_column: str | None = None  # task=ground: a per-row list of phrases to ground
+    # parquet: columns copied to the output; webdataset: members by extension (txt, json, cls) as strings
     keep_columns: list[str] = field(default_factory=list)
     limit: int | None = None  # only the first N items
     # Images larger than this are refused before they are decoded (decompression bombs).
@@ -124,13 +126,15 @@ class InputConfig:
         if self.kind not in INPUT_KINDS:
             raise ConfigError(f"input.kind={self.kind!r} is not one of {', '.join(INPUT_KINDS)}")
         if not self.path:
-            example = "photos/" if self.kind == "folder" else "manifest.parquet"
+            example = {"folder": "photos/", "parquet": "manifest.parquet", "webdataset": "'shards/{00000..00009}.tar'"}[self.kind]
             raise ConfigError(f"input.path is not set: say what to annotate, e.g. input.path={example}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"input.limit={self.limit} must be >= 0")
-        for key in ("keep_columns", "prompt_column", "phrases_column", "id_column"):
-            if self.kind == "folder" and getattr(self, key):
+        for key in ("prompt_column", "phrases_column", "id_column"):
+            if self.kind != "parquet" and getattr(self, key):
                 raise ConfigError(f"input.{key} applies to parquet manifests only (input=parquet)")
+        if self.kind == "folder" and self.keep_columns:
+            raise ConfigError("input.keep_columns applies to parquet manifests and WebDataset tars (input=parquet, input=webdataset)")
 
 
 OUTPUT_MODES = ("resume", "overwrite", "error")

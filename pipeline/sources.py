@@ -1,7 +1,7 @@
-"""Where items come from: a folder walk or a parquet manifest, streamed one item at a time.
+"""Where items come from: a folder walk, a parquet manifest or WebDataset tars, streamed one item at a time.
 
-A manifest is read in record batches, only the columns needed, so memory does not grow with its
-length. Problems with the input as a whole (missing path, missing column) raise `InputError`;
+A manifest is read in record batches, only the columns needed, and a tar member by member, so memory
+does not grow with the input's length. Problems with the input as a whole (missing path, missing column) raise `InputError`;
 problems with one item (a null cell) travel with the item and become that row's error.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -36,7 +38,7 @@ class Item:
 
 def iter_items(cfg: InputConfig) -> Iterator[Item]:
     """All items of the input, in a stable order, at most `input.limit` of them."""
-    items = folder_items(cfg) if cfg.kind == "folder" else manifest_items(cfg)
+    items = {"folder": folder_items, "parquet": manifest_items, "webdataset": webdataset_items}[cfg.kind](cfg)
     return islice(items, cfg.limit) if cfg.limit is not None else items
 
 
@@ -52,6 +54,8 @@ def check(cfg: InputConfig) -> None:
         if next(folder_items(cfg), None) is None:
             exts = ", ".join(cfg.extensions)
             raise InputError(f"input.path={cfg.path!r} holds no images ({exts}); see input.extensions")
+    elif cfg.kind == "webdataset":
+        tar_files(cfg.path)
     else:
         check_manifests(cfg)
 
@@ -146,7 +150,11 @@ def _wanted_columns(cfg: InputConfig) -> list[str]:
 
 
 def keep_schema(cfg: InputConfig) -> list:
-    """The pyarrow fields of the kept columns, as the manifest types them."""
+    """The pyarrow fields of the kept columns, as the manifest types them (WebDataset members: strings)."""
+    if cfg.kind == "webdataset":
+        import pyarrow as pa
+
+        return [pa.field(c, pa.string()) for c in cfg.keep_columns]
     if cfg.kind != "parquet" or not cfg.keep_columns:
         return []
     schema = _schema(manifest_files(cfg.path)[0])
@@ -199,4 +207,83 @@ def _manifest_item(cfg: InputConfig, file: Path, name: str, row: int, values: di
         item.error = f"null image: column {cfg.image_column!r} is null in this row"
     elif cfg.id_column and values.get(cfg.id_column) is None:
         item.error = f"null id: column {cfg.id_column!r} is null in this row"
+    return item
+
+
+# --------------------------------------------------------------------------- WebDataset tars
+
+WDS_IMAGES = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a{00..02}b{x,y}` -> a00bx a00by a01bx ... (ranges keep the width of their first bound), as
+    WebDataset and the shell spell shard lists."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        a, b = span.groups()
+        choices = [str(i).zfill(len(a)) for i in range(int(a), int(b) + 1)]
+    else:
+        choices = body.split(",")
+    return [expanded for c in choices for expanded in expand_braces(head + c + tail)]
+
+
+def tar_files(path: str) -> list[Path]:
+    """The tars `input.path` names (braces expanded, then globs), in that order; refused if there are none
+    or a named one is missing."""
+    files: list[Path] = []
+    for pattern in expand_braces(str(Path(path).expanduser())):
+        if glob.has_magic(pattern):
+            files += sorted(Path(f) for f in glob.glob(pattern, recursive=True))
+        elif Path(pattern).is_file():
+            files.append(Path(pattern))
+        else:
+            raise InputError(f"input.path={path!r}: {pattern!r} does not exist")
+    if not files:
+        raise InputError(f"input.path={path!r} matches no tar files")
+    return files
+
+
+def webdataset_items(cfg: InputConfig) -> Iterator[Item]:
+    """One item per sample: consecutive members sharing a key (the path up to the first dot of the
+    file name). What a damaged tar does not let us read becomes one error row, named after the
+    last sample read before it, and the next tar goes on."""
+    for file in tar_files(cfg.path):
+        key, members = None, {}
+        try:
+            with tarfile.open(file, "r|*") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    folder, _, name = info.name.rpartition("/")
+                    stem, _, ext = name.partition(".")
+                    member_key = f"{folder}/{stem}" if folder else stem
+                    if member_key != key and key is not None:
+                        yield _sample(cfg, file, key, members)
+                        members = {}
+                    key = member_key
+                    members[ext.lower()] = tar.extractfile(info).read()
+            if key is not None:
+                yield _sample(cfg, file, key, members)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            if key is not None and members:  # what came before the damage, as far as it was read
+                yield _sample(cfg, file, key, members)
+            after = f"after sample {key!r}" if key is not None else "at its start"
+            yield Item(
+                id=f"{file.name}#unreadable",
+                source=str(file),
+                error=f"cannot read tar: {file.name} is damaged {after} ({type(e).__name__}: {e}); the samples after it are lost",
+                extra={c: None for c in cfg.keep_columns},
+            )
+
+
+def _sample(cfg: InputConfig, file: Path, key: str, members: dict[str, bytes]) -> Item:
+    image = next((members[e] for e in WDS_IMAGES if e in members), None)
+    item = Item(id=key, source=f"{file}#{key}", data=image,
+                extra={c: members[c].decode("utf-8", "replace") if c in members else None for c in cfg.keep_columns})
+    if image is None:
+        item.error = f"null image: sample {key!r} has no {'/'.join(WDS_IMAGES)} member (it has: {', '.join(sorted(members))})"
     return item

@@ -106,12 +106,15 @@ def _summaries(folder: Path) -> dict[int, dict]:
 
 
 def count_input(record: dict) -> int | None:
-    """How many items the recorded input holds (every shard's), or None if it cannot be read here."""
+    """How many items the recorded input holds (every shard's), or None if it cannot be read here
+    (or only at the price of reading it: WebDataset tars)."""
     from pipeline import sources
 
     try:
         cfg = InputConfig(**{k: v for k, v in record["config"]["input"].items() if k in InputConfig.__dataclass_fields__})
         cfg.num_shards, cfg.shard_index = 1, 0
+        if cfg.kind == "webdataset":  # counting samples would read every tar whole
+            return None
         sources.check(cfg)
         if cfg.kind == "parquet":
             import pyarrow.parquet as pq
