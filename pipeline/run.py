@@ -253,7 +253,12 @@ def _todo(cfg: AppConfig, done, summary: Summary) -> Iterator[sources.Item]:
     from pipeline.sink import id_hash
 
     seen: set[int] = set()  # 64-bit hashes: a few tens of bytes an item
-    for item in sources.iter_items(cfg.input):
+
+    def wanted(item_id: str) -> bool:
+        h = id_hash(item_id)
+        return h % cfg.input.num_shards == cfg.input.shard_index and h not in done
+
+    for item in sources.iter_items(cfg.input, keep=wanted):
         h = id_hash(item.id)
         if h % cfg.input.num_shards != cfg.input.shard_index:
             continue

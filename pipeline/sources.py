@@ -11,7 +11,7 @@ import glob
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -36,9 +36,15 @@ class Item:
     error: str | None = None  # set when the item itself is unusable (null path, ...)
 
 
-def iter_items(cfg: InputConfig) -> Iterator[Item]:
-    """All items of the input, in a stable order, at most `input.limit` of them."""
-    items = {"folder": folder_items, "parquet": manifest_items, "webdataset": webdataset_items}[cfg.kind](cfg)
+def iter_items(cfg: InputConfig, keep: Callable[[str], bool] | None = None) -> Iterator[Item]:
+    """All items of the input, in a stable order, at most `input.limit` of them.
+
+    `keep(id)` says which items the caller will use (its shard, not yet done): a manifest then reads
+    image bytes only for row groups that hold one; the other items come with their id alone."""
+    if cfg.kind == "parquet":
+        items = manifest_items(cfg, keep)
+    else:
+        items = folder_items(cfg) if cfg.kind == "folder" else webdataset_items(cfg)
     return islice(items, cfg.limit) if cfg.limit is not None else items
 
 
@@ -161,9 +167,13 @@ def keep_schema(cfg: InputConfig) -> list:
     return [schema.field(c) for c in cfg.keep_columns]
 
 
-def manifest_items(cfg: InputConfig, batch_rows: int = 1024) -> Iterator[Item]:
+def manifest_items(cfg: InputConfig, keep: Callable[[str], bool] | None = None, batch_rows: int = 1024) -> Iterator[Item]:
     """Rows of every file in order. A row is known by its file (relative to the manifest's root) and
-    its row in that file, so adding a file never renames the rows of the others."""
+    its row in that file, so adding a file never renames the rows of the others.
+
+    With `keep`, each row group's ids are read first (the id column, the image paths, or nothing for
+    bytes named by their row); only a group holding an id to keep is read whole. A resumed run so
+    skips the image bytes of the groups it finished."""
     import pyarrow.parquet as pq
 
     columns = _wanted_columns(cfg)
@@ -172,15 +182,54 @@ def manifest_items(cfg: InputConfig, batch_rows: int = 1024) -> Iterator[Item]:
         name = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
         with pq.ParquetFile(file) as pf:
             row = 0
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-                data = batch.to_pydict()
-                for i in range(batch.num_rows):
-                    yield _manifest_item(cfg, file, name, row, {c: data[c][i] for c in columns})
-                    row += 1
+            for group in range(pf.metadata.num_row_groups):
+                if keep is not None:
+                    ids = _group_ids(cfg, pf, group, name, row)
+                    if not any(keep(i) for i in ids):
+                        for i, item_id in enumerate(ids):
+                            yield Item(id=item_id, source=f"{file}#{row + i}")
+                        row += len(ids)
+                        continue
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+                    data = batch.to_pydict()
+                    for i in range(batch.num_rows):
+                        yield _manifest_item(cfg, file, name, row, {c: data[c][i] for c in columns})
+                        row += 1
+
+
+def _group_ids(cfg: InputConfig, pf, group: int, name: str, first_row: int) -> list[str]:
+    """The ids of one row group, reading as little as the ids need."""
+    import pyarrow as pa
+
+    rows = pf.metadata.row_group(group).num_rows
+    image_type = pf.schema_arrow.field(cfg.image_column).type
+    if cfg.id_column:
+        wanted = cfg.id_column
+    elif pa.types.is_struct(image_type):
+        wanted = f"{cfg.image_column}.path"  # a struct's path field alone, not its bytes
+    elif pa.types.is_string(image_type) or pa.types.is_large_string(image_type):
+        wanted = cfg.image_column
+    else:
+        return [_item_id(cfg, name, first_row + i, None, None) for i in range(rows)]
+    values = pf.read_row_group(group, columns=[wanted]).column(0).to_pylist()
+    if cfg.id_column:
+        return [_item_id(cfg, name, first_row + i, None, v) for i, v in enumerate(values)]
+    return [_item_id(cfg, name, first_row + i, _image_path(v), None) for i, v in enumerate(values)]
+
+
+def _image_path(image) -> str | None:
+    return image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+
+
+def _item_id(cfg: InputConfig, name: str, row: int, path: str | None, id_value) -> str:
+    """Without an id column the id is the image's path, else `<file>#<row>` (bytes rows)."""
+    if cfg.id_column:
+        return str(id_value) if id_value is not None else f"{name}#{row}"
+    return path or f"{name}#{row}"
 
 
 def _manifest_item(cfg: InputConfig, file: Path, name: str, row: int, values: dict) -> Item:
-    """One row. Without an id column the id is the image's path, else `<file>#<row>` (bytes rows)."""
+    """One row, named by `_item_id`."""
     image = values[cfg.image_column]
     path, data = None, None
     if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
@@ -193,9 +242,8 @@ def _manifest_item(cfg: InputConfig, file: Path, name: str, row: int, values: di
     if path and data is None:
         resolved = str(Path(path).expanduser() if Path(path).expanduser().is_absolute() else file.parent / path)
     source = resolved or f"{file}#{row}"
-    item_id = values.get(cfg.id_column) if cfg.id_column else (path or f"{name}#{row}")
     item = Item(
-        id=str(item_id) if item_id is not None else f"{name}#{row}",
+        id=_item_id(cfg, name, row, path, values.get(cfg.id_column) if cfg.id_column else None),
         source=source,
         path=resolved,
         data=data,

@@ -193,3 +193,19 @@ def test_odd_sizes_are_annotated(trained_checkpoint, trained_export, tmp_path):
     run(config(trained_checkpoint, trained_export, InputConfig(path=str(photos)), out), out)
     rows = rows_by_id(out)
     assert [(r["width"], r["height"], r["error"]) for r in rows.values()] == [(1, 1, None), (4000, 3, None)]
+
+
+def test_a_manifest_of_image_bytes_resumes_group_by_group(trained_checkpoint, trained_export, tmp_path):
+    """Row groups already done are passed over by id (their bytes unread): the finished folder equals a single run."""
+    import pyarrow as pa
+
+    photos = sorted(EXAMPLES.glob("*.*g")) * 2
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in photos]}), tmp_path / "m.parquet", row_group_size=2)
+    single, resumed = tmp_path / "single", tmp_path / "resumed"
+    source = InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"))
+    run(config(trained_checkpoint, trained_export, source, single), single)
+    first = config(trained_checkpoint, trained_export, InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), limit=5), resumed)
+    assert run(first, resumed).items == 5
+    summary = run(config(trained_checkpoint, trained_export, source, resumed), resumed)
+    assert (summary.skipped, summary.items) == (5, 7)
+    assert {i: r["token_ids"] for i, r in rows_by_id(resumed).items()} == {i: r["token_ids"] for i, r in rows_by_id(single).items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -96,3 +98,36 @@ def test_every_manifest_file_is_checked_before_the_run(tmp_path):
     with pytest.raises(InputError, match=r"2\.parquet': kept column 'n' is string, but .*1\.parquet' has int64"):
         check(InputConfig(kind="parquet", path=str(tmp_path / "m"), keep_columns=["n"]))
     check(InputConfig(kind="parquet", path=str(tmp_path / "m")))  # the type of a column not kept does not matter
+
+
+def _read_bytes() -> int:
+    """Bytes this process has read through read(2) so far (page cache or not)."""
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("layout", ["bytes", "struct", "id_column"])
+def test_a_resumed_manifest_reads_image_bytes_only_where_work_is_left(tmp_path, layout):
+    """99 % done: the ids come from the footer, the path field or the id column; only the last row
+    group's image bytes are read. The items and their ids are those of a plain read."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 1000
+    blobs = [os.urandom(10_000) for _ in range(rows)]  # incompressible: the file is mostly image bytes
+    image = {"bytes": pa.array(blobs), "struct": pa.array([{"bytes": b, "path": f"img/{i}.jpg"} for i, b in enumerate(blobs)]),
+             "id_column": pa.array(blobs)}[layout]
+    table = pa.table({"image": image, "key": [f"k{i}" for i in range(rows)]})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=10, compression="none")
+    cfg = InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), id_column="key" if layout == "id_column" else None)
+    every = list(iter_items(cfg))
+    left = {item.id for item in every[-10:]}  # the last 1 %
+
+    before = _read_bytes()
+    items = list(iter_items(cfg, keep=left.__contains__))
+    read = _read_bytes() - before
+    size = (tmp_path / "m.parquet").stat().st_size
+    assert read < 0.02 * size, f"read {read} of {size} bytes"
+    assert [i.id for i in items] == [i.id for i in every]
+    assert [i.data for i in items if i.id in left] == blobs[-10:]
