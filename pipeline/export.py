@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigError, EngineConfig, ModelConfig
+from pipeline.files import write_text
 from pipeline.locks import flock
 
 log = logging.getLogger(__name__)
@@ -411,9 +412,7 @@ def verify_existing(cfg: ModelConfig, engine: EngineConfig, path: Path) -> dict:
         record = _verify(path, model, processor, cfg, engine)
         manifest = read_manifest(path)
         manifest["verification"] = record
-        tmp = path / f".{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path / MANIFEST)
+        write_text(path / MANIFEST, json.dumps(manifest, indent=2))
     return record
 
 

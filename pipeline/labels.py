@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
-from urllib.parse import quote
 from dataclasses import dataclass, field
 from itertools import chain, count
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, OutputConfig
+from pipeline.files import atomic
 from pipeline.sink import committed_parts, existing_output
 
 log = logging.getLogger("kosmos-labels")
@@ -113,17 +113,22 @@ def boxes(row: dict, min_score: float = 0.0) -> list[Box]:
     for entity in row["entities"] or []:
         for b in entity["boxes"]:
             score = b.get("score")
-            if min_score and score is None:
-                raise ConfigError(
-                    f"min_score needs box scores, and the boxes of {row['id']!r} have none (an output folder "
-                    "written before scores existed): annotate it again with output.mode=overwrite, or leave min_score out"
-                )
-            if min_score and score < min_score:
+            if min_score and needed_score(score, row, "min_score") < min_score:
                 continue
             x1, x2 = sorted((min(max(b["x1"], 0.0), 1.0), min(max(b["x2"], 0.0), 1.0)))
             y1, y2 = sorted((min(max(b["y1"], 0.0), 1.0), min(max(b["y2"], 0.0), 1.0)))
             out.append(Box(normalise(entity["phrase"]), x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height, score))
     return out
+
+
+def needed_score(score: float | None, row: dict, option: str) -> float:
+    """A box's score where `option` cannot do without one."""
+    if score is None:
+        raise ConfigError(
+            f"{option} needs box scores, and the boxes of {row['id']!r} have none (an output folder written before "
+            f"scores existed): annotate it again with output.mode=overwrite, or leave {option} out"
+        )
+    return score
 
 
 def usable(row: dict) -> bool:
@@ -140,7 +145,7 @@ def categories(folder: Path, classes: list[str], min_score: float) -> list[str]:
     return sorted(found)
 
 
-def _coco_boxes(folder: Path, names: list[str], min_score: float) -> Iterator[tuple[int, dict, Box]]:
+def _coco_boxes(folder: Path, names: dict[str, int], min_score: float) -> Iterator[tuple[int, dict, Box]]:
     """(COCO image id, row, box) of each wanted box, images numbered 1.. in output order."""
     for image_id, row in enumerate((r for r in rows(folder) if usable(r)), start=1):
         for box in boxes(row, min_score):
@@ -188,12 +193,8 @@ def write_coco_results(folder: Path, dest: Path, names: list[str], min_score: fl
     with atomic(dest) as f:
         f.write("[")
         for image_id, row, box in _coco_boxes(folder, ids, min_score):
-            if box.score is None:
-                raise ConfigError(
-                    f"format=coco_results needs box scores, and the boxes of {row['id']!r} have none (an output "
-                    "folder written before scores existed): annotate it again with output.mode=overwrite"
-                )
-            det = {"image_id": image_id, "category_id": ids[box.label], "bbox": _bbox(box), "score": box.score}
+            score = needed_score(box.score, row, "format=coco_results")
+            det = {"image_id": image_id, "category_id": ids[box.label], "bbox": _bbox(box), "score": score}
             f.write(("," if counts["detections"] else "") + json.dumps(det))
             counts["detections"] += 1
         f.write("]")
@@ -285,7 +286,7 @@ def write_yolo(folder: Path, dest: Path, names: list[str], min_score: float, con
                 continue
             lines = [
                 f"{ids[b.label]} {(b.x + b.w / 2) / row['width']:.6f} {(b.y + b.h / 2) / row['height']:.6f} "
-                f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}" + (f" {_confidence(b, row):.6f}" if confidence else "") + "\n"
+                f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}" + (f" {needed_score(b.score, row, 'yolo.confidence'):.6f}" if confidence else "") + "\n"
                 for b in boxes(row, min_score)
                 if b.label in ids
             ]
@@ -301,15 +302,6 @@ def write_yolo(folder: Path, dest: Path, names: list[str], min_score: float, con
     return counts
 
 
-def _confidence(box: Box, row: dict) -> float:
-    if box.score is None:
-        raise ConfigError(
-            f"yolo.confidence needs box scores, and the boxes of {row['id']!r} have none (an output folder written "
-            "before scores existed): annotate it again with output.mode=overwrite"
-        )
-    return box.score
-
-
 def _label_file(item_id: str, used: set[str]) -> str:
     """The first free name of `a.txt`, `a.jpg.txt`, `a.jpg.1.txt`, ... for id `a.jpg` (`used` is updated)."""
     stem = Path(item_id).with_suffix("").as_posix()
@@ -317,26 +309,6 @@ def _label_file(item_id: str, used: set[str]) -> str:
     name = next(n for n in names if n not in used)
     used.add(name)
     return name
-
-
-class atomic:
-    """Write to a temporary name beside `path`, rename when complete."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.tmp, "w")
-        return self.f
-
-    def __exit__(self, kind, *_):
-        self.f.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def export_labels(cfg: LabelsConfig) -> dict:

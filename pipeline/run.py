@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline import images, sources
 from pipeline.config import AppConfig, ConfigError, EngineConfig, UserError
+from pipeline.files import write_text
 from pipeline.grounding import Entity, add_scores, parse
 
 log = logging.getLogger(__name__)
@@ -146,17 +147,18 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
             weight_format=cfg.model.weight_format,
         )
 
-        def record(status: str = "running") -> None:
+        def write_summary(status: str = "running") -> None:
             summary.status, summary.updated_at = status, _now()
             summary.parts = [p.name for p in sink.parts]
             summary.wall_seconds = round(time.perf_counter() - started, 2)
-            _write_summary(output_dir / summary_name(shard, cfg.input.num_shards), {**asdict(summary), "config": asdict(cfg)})
+            record = {**asdict(summary), "config": asdict(cfg)}
+            write_text(output_dir / summary_name(shard, cfg.input.num_shards), json.dumps(record, indent=2, default=str))
 
         sink = sinks.ParquetSink(
             output_dir, schema, cfg.output.rows_per_file, cfg.output.flush_seconds, cfg.output.compression, shard,
-            on_commit=record,
+            on_commit=write_summary,
         )
-        record()
+        write_summary()
         status = "failed"
         try:
             _annotate(cfg, model_dir, output_dir, done, sink, summary, started)
@@ -166,19 +168,12 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
             raise
         finally:
             sink.close()  # whatever happens, rows already annotated are committed
-            record(status)
+            write_summary(status)
     return summary
 
 
 def summary_name(shard: int, num_shards: int) -> str:
     return f"_summary-{shard:05d}.json" if num_shards > 1 else SUMMARY
-
-
-def _write_summary(path: Path, record: dict) -> None:
-    """Replace the summary whole, so a reader (kosmos-status) never sees half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _now() -> str:
@@ -400,8 +395,7 @@ def _tokens(token_ids: list[int], logprobs: list[float]) -> dict:
 
 def _row(item: sources.Item, **values) -> dict:
     row = {"id": item.id, "source": item.source, "width": None, "height": None, "prompt": None}
-    row.update({"caption": None, "entities": None, "token_ids": None, "token_logprobs": None, "caption_logprob": None})
-    row["error"] = None
+    row.update({"caption": None, "entities": None, "token_ids": None, "token_logprobs": None, "caption_logprob": None, "error": None})
     row.update(values)
     row.update(item.extra)
     return row

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, UserError
+from pipeline.files import write_text
 from pipeline.locks import flock
 
 SETTINGS = "_settings.json"
@@ -160,9 +161,7 @@ def prepare_folder(folder: Path, mode: str, shard: int, num_shards: int, setting
                 "use output.mode=overwrite to start again (it removes those results), or choose another output.dir"
             )
         if recorded != settings:
-            tmp = folder / f".{SETTINGS}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-            os.replace(tmp, recorded_path)
+            write_text(recorded_path, json.dumps(settings, indent=2, sort_keys=True))
 
 
 class ParquetSink:
