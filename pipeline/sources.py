@@ -1,8 +1,9 @@
 """Where items come from: a folder walk, a parquet manifest or WebDataset tars, streamed one item at a time.
 
 A manifest is read in record batches, only the columns needed, and a tar member by member, so memory
-does not grow with the input's length. Problems with the input as a whole (missing path, missing column) raise `InputError`;
-problems with one item (a null cell) travel with the item and become that row's error.
+does not grow with the input's length. Problems with the input as a whole (missing path, missing
+column) raise `InputError`; problems with one item (a null cell) travel with the item and become that
+row's error.
 """
 
 from __future__ import annotations
