@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,25 +245,21 @@ class ScoreQuantiles:
 
 
 def _todo(cfg: AppConfig, done, summary: Summary) -> Iterator[sources.Item]:
-    """This shard's items not yet committed; a repeated id becomes an error row, never a silent drop."""
-    from pipeline.sink import id_hash
+    """This shard's items not yet committed. A repeated id becomes an error row, never a silent drop;
+    the n-th use of an id (the first may be another shard's item) is done once n rows have it."""
+    from pipeline.sources import id_hash
 
-    seen: set[int] = set()  # 64-bit hashes: a few tens of bytes an item
-
-    def wanted(item_id: str) -> bool:
-        h = id_hash(item_id)
-        return h % cfg.input.num_shards == cfg.input.shard_index and h not in done
-
-    for item in sources.iter_items(cfg.input, keep=wanted):
+    seen: Counter[int] = Counter()  # uses so far of each id's 64-bit hash: a few tens of bytes an item
+    for item in sources.iter_items(cfg.input, keep=lambda item_id: done.count(id_hash(item_id)) == 0):
         h = id_hash(item.id)
-        if h % cfg.input.num_shards != cfg.input.shard_index:
+        seen[h] += 1
+        if not item.mine:
             continue
-        if h in done:
+        if done.count(h) >= seen[h]:
             summary.skipped += 1
             continue
-        if h in seen:
+        if seen[h] > 1:
             item.error = item.error or f"duplicate id: {item.id!r} was already used by an earlier item"
-        seen.add(h)
         yield item
 
 

@@ -8,7 +8,6 @@ The committed parts are also the resume index: their ids are what a rerun skips.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, UserError
 from pipeline.files import write_text
 from pipeline.locks import flock
+from pipeline.sources import id_hash
 
 SETTINGS = "_settings.json"
 # Recorded in _settings.json: a folder holds parts of one schema (2 added the scores).
@@ -83,17 +83,13 @@ def committed_parts(folder: Path, shard: int | None = None) -> list[Path]:
     return parts if shard is None else [p for p in parts if int(PART.match(p.name).group(1)) == shard]
 
 
-def id_hash(item_id: str) -> int:
-    """A stable 64-bit hash of an id (the same on every machine and Python): shards and the resume index."""
-    return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 def id_hashes(ids: list[str]) -> np.ndarray:
     return np.array([id_hash(i) for i in ids], dtype=np.uint64)
 
 
 class DoneIds:
-    """Ids already in committed parts, as sorted 64-bit hashes: 8 bytes an id, however many parts."""
+    """Ids already in committed parts, as sorted 64-bit hashes with how often each was written (a
+    repeated id's error row is written too): 12 bytes an id, however many parts."""
 
     def __init__(self, folder: Path):
         chunks = [np.empty(0, np.uint64)]
@@ -101,14 +97,15 @@ class DoneIds:
             with pq.ParquetFile(part) as f:
                 for batch in f.iter_batches(columns=["id"], batch_size=65536):
                     chunks.append(id_hashes(batch.column(0).to_pylist()))
-        self._hashes = np.unique(np.concatenate(chunks))
+        self._hashes, counts = np.unique(np.concatenate(chunks), return_counts=True)
+        self._counts = counts.astype(np.uint32)
 
     def __len__(self) -> int:
-        return len(self._hashes)
+        return int(self._counts.sum())
 
-    def __contains__(self, item_hash: int) -> bool:
+    def count(self, item_hash: int) -> int:
         i = np.searchsorted(self._hashes, np.uint64(item_hash))
-        return bool(i < len(self._hashes) and self._hashes[i] == item_hash)
+        return int(self._counts[i]) if i < len(self._hashes) and self._hashes[i] == item_hash else 0
 
 
 @contextmanager

@@ -9,8 +9,11 @@ row's error.
 from __future__ import annotations
 
 import glob
+import hashlib
+import logging
 import os
 import re
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import InputConfig, UserError
+
+log = logging.getLogger(__name__)
 
 
 class InputError(UserError):
@@ -35,18 +40,38 @@ class Item:
     phrases: list[str] | None = None  # per-item phrases to ground, if the manifest gives them
     extra: dict[str, Any] = field(default_factory=dict)  # kept columns
     error: str | None = None  # set when the item itself is unusable (null path, ...)
+    mine: bool = True  # False: another shard's item, maybe given by its id alone
 
 
 def iter_items(cfg: InputConfig, keep: Callable[[str], bool] | None = None) -> Iterator[Item]:
-    """All items of the input, in a stable order, at most `input.limit` of them.
+    """The input's items in a stable order, at most `input.limit` of them, each saying whether it is
+    this shard's (`input.shard_index` of `input.num_shards`).
 
-    `keep(id)` says which items the caller will use (its shard, not yet done): a manifest then reads
-    image bytes only for row groups that hold one; the other items come with their id alone."""
+    Shards split a manifest by row position (equal contiguous ranges) and WebDataset tars by file,
+    so that each reads only its share of the image bytes; other shards' items that come before its
+    share are given by id alone, so that a repeated id is still found. Folders (and tars too few to
+    balance) are split by a stable hash of the id. `keep(id)` says which of its own items the caller
+    still needs (not yet done): a manifest reads image bytes only for row groups that hold one."""
     if cfg.kind == "parquet":
         items = manifest_items(cfg, keep)
+    elif cfg.kind == "folder":
+        items = _by_hash(cfg, folder_items(cfg))
     else:
-        items = folder_items(cfg) if cfg.kind == "folder" else webdataset_items(cfg)
+        tars = tar_files(cfg.path)
+        mine = _tar_share(cfg, tars)
+        items = webdataset_items(cfg, mine) if mine is not None else _by_hash(cfg, webdataset_items(cfg, tars))
     return islice(items, cfg.limit) if cfg.limit is not None else items
+
+
+def id_hash(item_id: str) -> int:
+    """A stable 64-bit hash of an id (the same on every machine and Python): shards and the resume index."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _by_hash(cfg: InputConfig, items: Iterator[Item]) -> Iterator[Item]:
+    for item in items:
+        item.mine = id_hash(item.id) % cfg.num_shards == cfg.shard_index
+        yield item
 
 
 def check(cfg: InputConfig) -> None:
@@ -172,30 +197,56 @@ def manifest_items(cfg: InputConfig, keep: Callable[[str], bool] | None = None, 
     """Rows of every file in order. A row is known by its file (relative to the manifest's root) and
     its row in that file, so adding a file never renames the rows of the others.
 
-    With `keep`, each row group's ids are read first (the id column, the image paths, or nothing for
-    bytes named by their row); only a group holding an id to keep is read whole. A resumed run so
-    skips the image bytes of the groups it finished."""
+    This shard's rows are a contiguous range of positions (`_shard_rows`): row groups before it are
+    read for their ids alone, those after it not at all. With `keep`, each of its row groups' ids are
+    read first (the id column, the image paths, or nothing for bytes named by their row) and the group
+    is read whole only if it holds an id to keep, so a resumed run skips the bytes it finished."""
     import pyarrow.parquet as pq
 
     columns = _wanted_columns(cfg)
     root = manifest_root(cfg.path)
-    for file in manifest_files(cfg.path):
+    files = manifest_files(cfg.path)
+    lo, hi = _shard_rows(cfg, files)
+    position = 0  # of the row in the whole manifest
+    for file in files:
         name = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
         with pq.ParquetFile(file) as pf:
-            row = 0
+            row = 0  # in this file
             for group in range(pf.metadata.num_row_groups):
-                if keep is not None:
+                if position >= hi:
+                    return
+                rows = pf.metadata.row_group(group).num_rows
+                mine = range(max(lo - position, 0), max(min(hi - position, rows), 0))
+                if not mine or keep is not None:
                     ids = _group_ids(cfg, pf, group, name, row)
-                    if not any(keep(i) for i in ids):
-                        for i, item_id in enumerate(ids):
-                            yield Item(id=item_id, source=f"{file}#{row + i}")
-                        row += len(ids)
+                    if not any(keep is None or keep(ids[i]) for i in mine):
+                        for i, item_id in enumerate(ids[: max(hi - position, 0)]):
+                            yield Item(id=item_id, source=f"{file}#{row + i}", mine=i in mine)
+                        row, position = row + rows, position + rows
                         continue
                 for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
                     data = batch.to_pydict()
                     for i in range(batch.num_rows):
-                        yield _manifest_item(cfg, file, name, row, {c: data[c][i] for c in columns})
-                        row += 1
+                        if position >= hi:
+                            return
+                        item = _manifest_item(cfg, file, name, row, {c: data[c][i] for c in columns})
+                        item.mine = position >= lo
+                        yield item
+                        row, position = row + 1, position + 1
+
+
+def _shard_rows(cfg: InputConfig, files: list[Path]) -> tuple[int, int]:
+    """This shard's positions [lo, hi): equal contiguous ranges of the manifest's rows (after
+    `input.limit`), from the files' footers. A row group that straddles two ranges is read by both."""
+    import pyarrow.parquet as pq
+
+    k, n = cfg.shard_index, cfg.num_shards
+    if n == 1:  # no footer to read twice
+        return 0, cfg.limit if cfg.limit is not None else sys.maxsize
+    total = sum(pq.read_metadata(f).num_rows for f in files)
+    if cfg.limit is not None:
+        total = min(total, cfg.limit)
+    return k * total // n, (k + 1) * total // n
 
 
 def _group_ids(cfg: InputConfig, pf, group: int, name: str, first_row: int) -> list[str]:
@@ -296,11 +347,35 @@ def tar_files(path: str) -> list[Path]:
     return files
 
 
-def webdataset_items(cfg: InputConfig) -> Iterator[Item]:
+# Shards split tars by file when each gets at least this many: then their sizes differ by ~1/4 at most.
+TARS_PER_SHARD = 4
+
+
+def _tar_share(cfg: InputConfig, tars: list[Path]) -> list[Path] | None:
+    """This shard's tars: contiguous runs of files of about equal total size. None (split by id hash,
+    every shard reading every tar) where there are too few tars to balance or `input.limit` counts
+    items across all of them."""
+    n = cfg.num_shards
+    if n == 1:
+        return tars
+    if cfg.limit is not None or len(tars) < TARS_PER_SHARD * n:
+        log.info("%d shards over %d tars: split by id hash, each shard reads every tar (%d or more tars "
+                 "are split by file%s)", n, len(tars), TARS_PER_SHARD * n, ", without input.limit" if cfg.limit is not None else "")
+        return None
+    sizes = [t.stat().st_size for t in tars]
+    total, start, share = max(sum(sizes), 1), 0, []
+    for tar, size in zip(tars, sizes):
+        if min(int((start + size / 2) * n / total), n - 1) == cfg.shard_index:
+            share.append(tar)
+        start += size
+    return share
+
+
+def webdataset_items(cfg: InputConfig, tars: list[Path]) -> Iterator[Item]:
     """One item per sample: consecutive members sharing a key (the path up to the first dot of the
     file name). What a damaged tar does not let us read becomes one error row, named after the
     last sample read before it, and the next tar goes on."""
-    for file in tar_files(cfg.path):
+    for file in tars:
         key, members = None, {}
         try:
             with tarfile.open(file, "r|*") as tar:

@@ -84,3 +84,35 @@ def test_cluster_configs_compose(cluster):
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose("config", overrides=[f"cluster={cluster}"], return_hydra_config=True)
     assert "launcher" in cfg.hydra
+
+
+def test_manifest_shards_equal_a_single_run_repeated_ids_included(trained_checkpoint, trained_export, tmp_path):
+    """Manifest shards split by row position: a repeated id in a later shard's range is still the
+    error row a single run makes of it, and the shards together write exactly the single run's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import example_images
+
+    photos = example_images()
+    images = [photos[i % len(photos)].read_bytes() for i in range(12)]
+    keys = [f"k{i}" for i in range(12)]
+    keys[9] = "k1"  # shard 0's id again, in shard 2's range
+    pq.write_table(pa.table({"image": images, "key": keys}), tmp_path / "m.parquet", row_group_size=5)
+
+    def rows(out: Path) -> list:
+        return sorted((r["id"], r["error"] or "", r["token_ids"] or []) for r in pq.read_table(out).to_pylist())
+
+    def cfg(out: Path, **shard) -> object:
+        return config(trained_checkpoint, trained_export,
+                      InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), id_column="key", **shard), out)
+
+    single = tmp_path / "single"
+    run(cfg(single), single)
+    sharded = tmp_path / "sharded"
+    for k in range(3):
+        run(cfg(sharded, num_shards=3, shard_index=k), sharded)
+    assert rows(sharded) == rows(single)
+    assert [e for _, e, _ in rows(single) if e] == ["duplicate id: 'k1' was already used by an earlier item"]
+    assert [run(cfg(sharded, num_shards=3, shard_index=k), sharded).skipped for k in range(3)] == [4, 4, 4]
+    assert rows(sharded) == rows(single)  # the repeated id's error row is not written again

@@ -131,3 +131,76 @@ def test_a_resumed_manifest_reads_image_bytes_only_where_work_is_left(tmp_path, 
     assert read < 0.02 * size, f"read {read} of {size} bytes"
     assert [i.id for i in items] == [i.id for i in every]
     assert [i.data for i in items if i.id in left] == blobs[-10:]
+
+
+def _bytes_manifest(path: Path, rows: int, row_group: int, **extra) -> list[bytes]:
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blobs = [os.urandom(10_000) for _ in range(rows)]
+    pq.write_table(pa.table({"image": blobs, **extra}), path, row_group_size=row_group, compression="none")
+    return blobs
+
+
+def test_manifest_shards_are_contiguous_equal_ranges_reading_their_share(tmp_path):
+    """8 shards: each takes an equal contiguous range of rows, disjoint and covering, and together they
+    read the manifest's bytes about once (a row group straddling two ranges is read by both)."""
+    path = tmp_path / "m.parquet"
+    blobs = _bytes_manifest(path, 2000, 30)
+    every = [item.id for item in iter_items(InputConfig(kind="parquet", path=str(path)))]
+    read, mine = 0, []
+    for k in range(8):
+        cfg = InputConfig(kind="parquet", path=str(path), num_shards=8, shard_index=k)
+        before = _read_bytes()
+        items = list(iter_items(cfg))
+        read += _read_bytes() - before
+        own = [i for i in items if i.mine]
+        assert len(own) == 250 and all(i.data == blobs[every.index(i.id)] for i in own)
+        assert [i.id for i in items] == every[: 250 * (k + 1)]  # others' earlier rows by id, none after
+        mine += [i.id for i in own]
+    assert mine == every
+    size = path.stat().st_size
+    assert read < 1.2 * size, f"8 shards read {read} bytes of a {size}-byte manifest"
+
+
+def test_manifest_shards_honour_the_limit(tmp_path):
+    path = tmp_path / "m.parquet"
+    _bytes_manifest(path, 100, 7)
+    cfgs = [InputConfig(kind="parquet", path=str(path), num_shards=3, shard_index=k, limit=10) for k in range(3)]
+    shares = [[i.id for i in iter_items(cfg) if i.mine] for cfg in cfgs]
+    assert [len(s) for s in shares] == [3, 3, 4]
+    assert sum(shares, []) == [i.id for i in iter_items(InputConfig(kind="parquet", path=str(path), limit=10))]
+
+
+def test_tars_are_split_by_file_when_there_are_enough(tmp_path):
+    """16 tars of unequal sizes over 2 shards: by file, each shard about half the bytes; 3 tars over
+    2 shards: by id hash. Either way the shards are disjoint and cover every sample."""
+    import io
+    import tarfile
+
+    def make(count: int) -> Path:
+        folder = tmp_path / f"t{count}"
+        folder.mkdir()
+        for t in range(count):
+            with tarfile.open(folder / f"{t:03d}.tar", "w") as tar:
+                for s in range(1 + t % 3):
+                    data = bytes(5000 * (1 + t % 2))
+                    info = tarfile.TarInfo(f"{t:03d}-{s}.jpg")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return folder
+
+    for count, by_file in ((16, True), (3, False)):
+        folder = make(count)
+        every = [i.id for i in iter_items(InputConfig(kind="webdataset", path=str(folder / "*.tar")))]
+        shares = []
+        for k in range(2):
+            items = list(iter_items(InputConfig(kind="webdataset", path=str(folder / "*.tar"), num_shards=2, shard_index=k)))
+            shares.append([i.id for i in items if i.mine])
+            assert (len(items) < len(every)) == by_file  # by file: the other shard's tars are not read
+        assert sorted(shares[0] + shares[1]) == sorted(every) and not set(shares[0]) & set(shares[1])
+        if by_file:
+            assert shares[0] == every[: len(shares[0])]  # contiguous
+            assert abs(len(shares[0]) - len(shares[1])) <= 3
