@@ -16,7 +16,7 @@ def annotate(cfg: AppConfig) -> None:
     from pipeline.run import copy_hydra_record, run
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
-    output_dir = Path(cfg.output.dir).expanduser() if cfg.output.dir else hydra_dir
+    output_dir = cfg.output.dir or hydra_dir
     summary = run(cfg, output_dir)
     copy_hydra_record(hydra_dir, output_dir, cfg)
     kinds = ", ".join(f"{k}: {n}" for k, n in summary.errors_by_kind.items())

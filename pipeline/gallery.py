@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError, OutputConfig
+from pipeline.files import Folder, is_remote
 from pipeline.preview import colour, preview_name, write_preview
 from pipeline.sink import committed_parts, existing_output
 
@@ -39,6 +40,9 @@ class GalleryConfig:
     gallery: GalleryOptions = field(default_factory=GalleryOptions)
 
     def validate(self) -> None:
+        if is_remote(self.output.dir or ""):
+            raise ConfigError(f"output.dir={self.output.dir!r}: the gallery is written into the output folder, which must "
+                              "be local; copy it here first (e.g. aws s3 sync <uri> labels/)")
         existing_output(self.output.dir)
         if self.gallery.page_size < 1 or self.gallery.thumb_side < 16:
             raise ConfigError("gallery.page_size must be >= 1 and gallery.thumb_side >= 16")
@@ -60,7 +64,7 @@ def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> tuple[str | 
         except (OSError, ValueError):
             continue
         image.thumbnail((side, side))
-        write_preview(thumbs, row["id"], image, [], side, 85)
+        write_preview(Folder(thumbs), row["id"], image, [], side, 85)
         return f"thumbs/{name}", drawn
     return None, False
 
@@ -92,8 +96,8 @@ def build(cfg: GalleryConfig) -> dict:
             page = []
 
     columns = ["id", "source", "width", "height", "caption", "entities", "error"]
-    for part in committed_parts(folder):
-        with pq.ParquetFile(part) as f:
+    for part in committed_parts(Folder(folder)):
+        with pq.ParquetFile(folder / part) as f:
             for batch in f.iter_batches(columns=columns, batch_size=256):
                 for row in batch.to_pylist():
                     entities = [_entity(e, i) for i, e in enumerate(row["entities"] or [])]

@@ -27,8 +27,8 @@ from urllib.parse import quote
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, OutputConfig
-from pipeline.files import atomic
-from pipeline.sink import committed_parts, existing_output
+from pipeline.files import Folder, atomic
+from pipeline.sink import SETTINGS, committed_parts, existing_output
 
 log = logging.getLogger("kosmos-labels")
 FORMATS = ("coco", "coco_results", "labelstudio", "yolo")
@@ -74,7 +74,8 @@ class LabelsConfig:
         if not self.dest:
             raise ConfigError("dest is not set: say where to write, e.g. dest=coco.json")
         dest = Path(self.dest).expanduser().resolve()
-        inside = dest.relative_to(folder.resolve()).parts if dest.is_relative_to(folder.resolve()) else None
+        root = None if folder.remote else Path(folder.root).resolve()
+        inside = dest.relative_to(root).parts if root and dest.is_relative_to(root) else None
         if inside is not None and not (inside and inside[0].startswith(("_", "."))):
             raise ConfigError(
                 f"dest={self.dest!r} is inside output.dir={self.output.dir!r}, which parquet readers then fail "
@@ -98,9 +99,9 @@ def normalise(phrase: str) -> str:
     return " ".join(phrase.lower().split())
 
 
-def rows(folder: Path) -> Iterator[dict]:
+def rows(folder: Folder) -> Iterator[dict]:
     for part in committed_parts(folder):
-        with pq.ParquetFile(part) as f:
+        with pq.ParquetFile(folder.open(part)) as f:
             for batch in f.iter_batches(columns=["id", "source", "width", "height", "entities", "error"], batch_size=1024):
                 yield from batch.to_pylist()
 
@@ -135,7 +136,7 @@ def usable(row: dict) -> bool:
     return row["error"] is None and bool(row["width"]) and bool(row["height"])
 
 
-def categories(folder: Path, classes: list[str], min_score: float) -> list[str]:
+def categories(folder: Folder, classes: list[str], min_score: float) -> list[str]:
     if classes:
         return [normalise(c) for c in classes]
     found = set()
@@ -145,7 +146,7 @@ def categories(folder: Path, classes: list[str], min_score: float) -> list[str]:
     return sorted(found)
 
 
-def _coco_boxes(folder: Path, names: dict[str, int], min_score: float) -> Iterator[tuple[int, dict, Box]]:
+def _coco_boxes(folder: Folder, names: dict[str, int], min_score: float) -> Iterator[tuple[int, dict, Box]]:
     """(COCO image id, row, box) of each wanted box, images numbered 1.. in output order."""
     for image_id, row in enumerate((r for r in rows(folder) if usable(r)), start=1):
         for box in boxes(row, min_score):
@@ -157,7 +158,7 @@ def _bbox(box: Box) -> list[float]:
     return [round(box.x, 2), round(box.y, 2), round(box.w, 2), round(box.h, 2)]
 
 
-def write_coco(folder: Path, dest: Path, names: list[str], min_score: float) -> dict:
+def write_coco(folder: Folder, dest: Path, names: list[str], min_score: float) -> dict:
     """COCO detection JSON, written as it is read: images, then annotations (a second pass)."""
     ids = {name: i + 1 for i, name in enumerate(names)}
     counts = {"images": 0, "annotations": 0}
@@ -185,7 +186,7 @@ def write_coco(folder: Path, dest: Path, names: list[str], min_score: float) -> 
     return counts
 
 
-def write_coco_results(folder: Path, dest: Path, names: list[str], min_score: float) -> dict:
+def write_coco_results(folder: Folder, dest: Path, names: list[str], min_score: float) -> dict:
     """COCO's detection-results list (what `COCO.loadRes` reads), with the image and category ids of
     `format=coco` on the same folder, classes and min_score."""
     ids = {name: i + 1 for i, name in enumerate(names)}
@@ -217,7 +218,7 @@ def image_reference(row: dict, options: LabelStudioOptions) -> str:
     return "/data/local-files/?d=" + quote(path.relative_to(root).as_posix())
 
 
-def write_labelstudio(folder: Path, dest: Path, names: list[str], min_score: float, version: str, options: LabelStudioOptions) -> dict:
+def write_labelstudio(folder: Folder, dest: Path, names: list[str], min_score: float, version: str, options: LabelStudioOptions) -> dict:
     """Label Studio tasks with predictions (rectanglelabels in percent of the image). Each region
     carries its box's score; each prediction the mean of its regions' scores, which Label Studio
     sorts and filters tasks by."""
@@ -267,7 +268,7 @@ def write_labelstudio(folder: Path, dest: Path, names: list[str], min_score: flo
     return counts
 
 
-def write_yolo(folder: Path, dest: Path, names: list[str], min_score: float, confidence: bool) -> dict:
+def write_yolo(folder: Folder, dest: Path, names: list[str], min_score: float, confidence: bool) -> dict:
     """`classes.txt`, one `labels/<id less its extension>.txt` per image (`class cx cy w h`, normalised,
     then the score if `confidence`) and `ids.tsv` (label file, id, source). Ids that would share a
     label file (`a.jpg`, `a.png`) keep their extension in the name (`a.png.txt`), then a counter:
@@ -313,15 +314,14 @@ def _label_file(item_id: str, used: set[str]) -> str:
 
 def export_labels(cfg: LabelsConfig) -> dict:
     cfg.validate()
-    folder, dest = Path(cfg.output.dir).expanduser(), Path(cfg.dest).expanduser()
+    folder, dest = Folder(cfg.output.dir), Path(cfg.dest).expanduser()
     names = categories(folder, cfg.classes, cfg.min_score)
     if cfg.format == "coco":
         return write_coco(folder, dest, names, cfg.min_score)
     if cfg.format == "coco_results":
         return write_coco_results(folder, dest, names, cfg.min_score)
     if cfg.format == "labelstudio":
-        settings = folder / "_settings.json"
-        meta = json.loads(settings.read_text()) if settings.exists() else {}
+        meta = json.loads(folder.read_text(SETTINGS)) if folder.exists(SETTINGS) else {}
         version = f"kosmos-2 {meta.get('model.source', '')} {meta.get('model.weight_format', '')}".strip()
         return write_labelstudio(folder, dest, names, cfg.min_score, version, cfg.labelstudio)
     return write_yolo(folder, dest, names, cfg.min_score, cfg.yolo.confidence)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from pipeline.files import Folder
 from pipeline.grounding import Entity
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -72,14 +72,11 @@ def _label(canvas, text: str, anchor: tuple[int, int], bgr, font_scale: float, p
     cv2.putText(canvas, text, (x + 3, y + th + 2), FONT, font_scale, ink, 1, cv2.LINE_AA)
 
 
-def write_preview(folder: Path, item_id: str, image: Image.Image, entities: list[Entity], max_side: int, quality: int) -> Path:
-    """Write atomically (temporary name, then rename) so a preview is never half a JPEG."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / preview_name(item_id)
+def write_preview(folder: Folder, item_id: str, image: Image.Image, entities: list[Entity], max_side: int, quality: int) -> str:
+    """Written whole (files.Folder.write), so a preview is never half a JPEG; returns its name."""
     ok, buf = cv2.imencode(".jpg", draw(image, entities, max_side), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode the preview of {item_id!r}")
-    tmp = folder / f".{path.name}.tmp"
-    tmp.write_bytes(buf.tobytes())
-    tmp.replace(path)
-    return path
+    name = preview_name(item_id)
+    folder.write(name, buf.tobytes())
+    return name

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ import numpy as np
 
 from pipeline import images, sources
 from pipeline.config import AppConfig, ConfigError, EngineConfig, UserError
-from pipeline.files import write_text
+from pipeline.files import Folder
 from pipeline.grounding import Entity, add_scores, parse
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,8 @@ def check_positions(cfg: EngineConfig, model_dir: Path) -> None:
         )
 
 
-def run(cfg: AppConfig, output_dir: Path) -> Summary:
+def run(cfg: AppConfig, output_dir: str | Path) -> Summary:
+    """Annotate the input into `output_dir`: a local folder or a URI such as s3://bucket/prefix."""
     from pipeline import sink as sinks
     from pipeline.export import ensure_export
 
@@ -132,17 +132,17 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
     schema = sinks.output_schema(sources.keep_schema(cfg.input))
     model_dir = ensure_export(cfg.model, cfg.engine)  # may fail on the checkpoint: before the output folder is touched
     check_positions(cfg.engine, model_dir)
-    shard = cfg.input.shard_index
-    with sinks.exclusive(output_dir, shard):
-        sinks.prepare_folder(output_dir, cfg.output.mode, shard, cfg.input.num_shards, result_settings(cfg, model_dir))
-        done = sinks.DoneIds(output_dir)
+    shard, output = cfg.input.shard_index, Folder(output_dir)
+    with sinks.exclusive(output, shard) as lease:
+        sinks.prepare_folder(output, cfg.output.mode, shard, cfg.input.num_shards, result_settings(cfg, model_dir))
+        done = sinks.DoneIds(output)
         if len(done):
-            log.info("Resuming: %d items are already in %s and will be skipped", len(done), output_dir)
+            log.info("Resuming: %d items are already in %s and will be skipped", len(done), output)
         summary = Summary(
             started_at=_now(),
             host=socket.gethostname(),
             pid=os.getpid(),
-            output_dir=str(output_dir),
+            output_dir=str(output),
             shard=f"{shard}/{cfg.input.num_shards}",
             model=cfg.model.source,
             weight_format=cfg.model.weight_format,
@@ -150,19 +150,19 @@ def run(cfg: AppConfig, output_dir: Path) -> Summary:
 
         def write_summary(status: str = "running") -> None:
             summary.status, summary.updated_at = status, _now()
-            summary.parts = [p.name for p in sink.parts]
+            summary.parts = list(sink.parts)
             summary.wall_seconds = round(time.perf_counter() - started, 2)
             record = {**asdict(summary), "config": asdict(cfg)}
-            write_text(output_dir / summary_name(shard, cfg.input.num_shards), json.dumps(record, indent=2, default=str))
+            output.write(summary_name(shard, cfg.input.num_shards), json.dumps(record, indent=2, default=str))
 
         sink = sinks.ParquetSink(
-            output_dir, schema, cfg.output.rows_per_file, cfg.output.flush_seconds, cfg.output.compression, shard,
-            on_commit=write_summary,
+            output, schema, cfg.output.rows_per_file, cfg.output.flush_seconds, cfg.output.compression, shard,
+            on_commit=write_summary, lease=lease,
         )
         write_summary()
         status = "failed"
         try:
-            _annotate(cfg, model_dir, output_dir, done, sink, summary, started)
+            _annotate(cfg, model_dir, output, done, sink, summary, started)
             status = "finished"
         except RunAborted:
             status = "aborted"
@@ -181,7 +181,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, summary: Summary, started: float) -> None:
+def _annotate(cfg: AppConfig, model_dir: Path, output: Folder, done, sink, summary: Summary, started: float) -> None:
     from pipeline.engine import Engine
     from pipeline.model import KosmosModel
 
@@ -191,7 +191,7 @@ def _annotate(cfg: AppConfig, model_dir: Path, output_dir: Path, done, sink, sum
     loaded = time.perf_counter()
     scores = ScoreQuantiles()
     with _progress() as bar:
-        for row in _rows(cfg, model, engine, _todo(cfg, done, summary), output_dir / PREVIEWS):
+        for row in _rows(cfg, model, engine, _todo(cfg, done, summary), output.sub(PREVIEWS)):
             summary.items += 1
             if row["error"] is not None:
                 summary.errors += 1
@@ -275,7 +275,7 @@ def _check_error_rate(cfg: AppConfig, summary: Summary) -> None:
         )
 
 
-def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews: Path) -> Iterator[dict]:
+def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews: Folder) -> Iterator[dict]:
     """One output row per item, in input order; items that failed to decode pass through the
     engine untouched."""
     from pipeline.preview import write_preview
@@ -404,9 +404,10 @@ def _progress():
     return tqdm(unit="img", desc="annotating", dynamic_ncols=True, mininterval=1.0)
 
 
-def copy_hydra_record(hydra_dir: Path, output_dir: Path, cfg: AppConfig) -> None:
+def copy_hydra_record(hydra_dir: Path, output_dir: str | Path, cfg: AppConfig) -> None:
     """Hydra's own `.hydra/` config record, next to the data it produced (one per shard)."""
     src = hydra_dir / ".hydra"
-    dst = output_dir / (".hydra" if cfg.input.num_shards == 1 else f".hydra-{cfg.input.shard_index:05d}")
-    if src.is_dir() and src.resolve() != dst.resolve():
-        shutil.copytree(src, dst, dirs_exist_ok=True)
+    dst = Folder(output_dir).sub(".hydra" if cfg.input.num_shards == 1 else f".hydra-{cfg.input.shard_index:05d}")
+    if src.is_dir() and (dst.remote or src.resolve() != Path(dst.root).resolve()):
+        for record in sorted(src.iterdir()):
+            dst.write(record.name, record.read_bytes())

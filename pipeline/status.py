@@ -15,15 +15,15 @@ from __future__ import annotations
 import calendar
 import json
 import logging
-import os
 import socket
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from pipeline.config import InputConfig, OutputConfig, UserError
+from pipeline.files import Folder
+from pipeline.locks import alive
 from pipeline.sink import PART, committed_parts, existing_output
 
 log = logging.getLogger("kosmos-status")
@@ -52,7 +52,7 @@ class ShardStatus:
     last_commit_age_s: float | None
 
 
-def shard_status(folder: Path, shard: int, summary: dict | None, stall_seconds: float) -> ShardStatus:
+def shard_status(folder: Folder, shard: int, summary: dict | None, stall_seconds: float) -> ShardStatus:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -61,16 +61,16 @@ def shard_status(folder: Path, shard: int, summary: dict | None, stall_seconds: 
     parts = committed_parts(folder, shard)
     done, errors = 0, Counter()
     for part in parts:
-        with pq.ParquetFile(part) as f:
+        with pq.ParquetFile(folder.open(part)) as f:
             done += f.metadata.num_rows
             column = f.read(columns=["error"]).column("error")
         errors.update(error_kind(e) for e in pc.drop_null(column).to_pylist())
     now = time.time()
-    last = max((p.stat().st_mtime for p in parts), default=None)
+    last = max((folder.mtime(p) for p in parts), default=None)
     state = summary["status"] if summary else "unknown"
     if state == "running":
         started = calendar.timegm(time.strptime(summary["started_at"], "%Y-%m-%dT%H:%M:%SZ"))
-        if summary.get("host") == socket.gethostname() and not _alive(summary.get("pid", 0)):
+        if summary.get("host") == socket.gethostname() and not alive(summary.get("pid", 0)):
             state = "killed"
         elif now - max(last or 0.0, started) > stall_seconds:
             state = "stalled"
@@ -84,21 +84,13 @@ def shard_status(folder: Path, shard: int, summary: dict | None, stall_seconds: 
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return pid > 0
-
-
-def _summaries(folder: Path) -> dict[int, dict]:
+def _summaries(folder: Folder) -> dict[int, dict]:
     out = {}
-    for path in sorted(folder.glob("_summary*.json")):
+    for name in folder.names():
+        if not (name.startswith("_summary") and name.endswith(".json")):
+            continue
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(folder.read_text(name))
         except (OSError, ValueError):
             continue
         out[int(record.get("shard", "0/1").split("/")[0])] = record
@@ -130,7 +122,7 @@ def count_input(record: dict) -> int | None:
 def status(cfg: StatusConfig) -> dict:
     folder = existing_output(cfg.output.dir)
     summaries = _summaries(folder)
-    shards_seen = {int(PART.match(p.name).group(1)) for p in committed_parts(folder)} | set(summaries)
+    shards_seen = {int(PART.match(p).group(1)) for p in committed_parts(folder)} | set(summaries)
     num_shards = max([int(r.get("shard", "0/1").split("/")[1]) for r in summaries.values()] + [max(shards_seen) + 1])
     shards = [shard_status(folder, k, summaries.get(k), cfg.stall_seconds) for k in range(num_shards)]
     done = sum(s.done for s in shards)

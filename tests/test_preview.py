@@ -6,6 +6,7 @@ from __future__ import annotations
 from PIL import Image
 
 from pipeline.grounding import Entity
+from pipeline.files import Folder
 from pipeline.preview import colour, draw, preview_name, write_preview
 
 
@@ -29,9 +30,9 @@ def test_boxes_and_labels_are_drawn_inside_the_image(tmp_path):
     assert (canvas != 128).any(axis=2).sum() > 500  # something was drawn
     assert tuple(int(v) for v in canvas[50, 20]) in (colour(0), colour(1))  # the left edge of the shared box
 
-    path = write_preview(tmp_path / "_previews", "../escape.png", image, entities, 768, 90)
-    assert path.parent == tmp_path / "_previews" and Image.open(path).size == (400, 300)
-    assert [p.name for p in (tmp_path / "_previews").iterdir()] == [path.name]
+    name = write_preview(Folder(tmp_path / "_previews"), "../escape.png", image, entities, 768, 90)
+    assert Image.open(tmp_path / "_previews" / name).size == (400, 300)
+    assert [p.name for p in (tmp_path / "_previews").iterdir()] == [name]
 
 
 def test_colours_are_distinct():

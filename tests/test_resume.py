@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import InputConfig
+from pipeline.files import Folder
 from pipeline.run import RunAborted, run
 from pipeline.sink import OutputError, exclusive
 from tests.conftest import EXAMPLES
@@ -132,8 +133,8 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_holder_frees_it
 ):
     out = tmp_path / "labels"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.sink import exclusive\n"
-         f"with exclusive(Path({str(out)!r}), 0):\n    print('locked', flush=True); time.sleep(600)"],
+        [sys.executable, "-c", "import sys, time; from pipeline.files import Folder; from pipeline.sink import exclusive\n"
+         f"with exclusive(Folder({str(out)!r}), 0):\n    print('locked', flush=True); time.sleep(600)"],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdout.readline().strip() == "locked"
@@ -148,11 +149,12 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_holder_frees_it
 
 
 def test_lock_is_per_shard(tmp_path):
-    with exclusive(tmp_path, 0):
-        with exclusive(tmp_path, 1):
+    folder = Folder(tmp_path)
+    with exclusive(folder, 0):
+        with exclusive(folder, 1):
             pass
         with pytest.raises(OutputError):
-            with exclusive(tmp_path, 0):
+            with exclusive(folder, 0):
                 pass
 
 

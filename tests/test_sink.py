@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.files import Folder
 from pipeline.sink import SCHEMA, SETTINGS, OutputError, ParquetSink, committed_parts, output_schema, prepare_folder
 
 
@@ -20,12 +21,12 @@ def row(i: int, **extra) -> dict:
 
 
 def test_parts_commit_every_n_rows_and_on_close(tmp_path):
-    sink = ParquetSink(tmp_path, SCHEMA, rows_per_file=4, flush_seconds=3600)
+    sink = ParquetSink(Folder(tmp_path), SCHEMA, rows_per_file=4, flush_seconds=3600)
     for i in range(10):
         sink.add(row(i))
-    assert [p.name for p in committed_parts(tmp_path)] == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
+    assert committed_parts(Folder(tmp_path)) == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
     sink.close()
-    assert [pq.read_metadata(p).num_rows for p in committed_parts(tmp_path)] == [4, 4, 2]
+    assert [pq.read_metadata(tmp_path / p).num_rows for p in committed_parts(Folder(tmp_path))] == [4, 4, 2]
     table = pq.read_table(tmp_path)
     assert table.schema.remove_metadata() == SCHEMA
     assert table.column("id").to_pylist() == [str(i) for i in range(10)]
@@ -35,24 +36,24 @@ def test_parts_commit_every_n_rows_and_on_close(tmp_path):
 def test_parts_commit_after_flush_seconds(tmp_path, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr("pipeline.sink.time.monotonic", lambda: clock[0])
-    sink = ParquetSink(tmp_path, SCHEMA, rows_per_file=1000, flush_seconds=60)
+    sink = ParquetSink(Folder(tmp_path), SCHEMA, rows_per_file=1000, flush_seconds=60)
     sink.add(row(0))
     clock[0] += 59
     sink.add(row(1))
-    assert committed_parts(tmp_path) == []
+    assert committed_parts(Folder(tmp_path)) == []
     clock[0] += 2
     sink.add(row(2))
-    assert len(committed_parts(tmp_path)) == 1
+    assert len(committed_parts(Folder(tmp_path))) == 1
 
 
 def test_new_sink_continues_numbering_and_removes_uncommitted_temporaries(tmp_path):
-    sink = ParquetSink(tmp_path, SCHEMA, rows_per_file=1, flush_seconds=60)
+    sink = ParquetSink(Folder(tmp_path), SCHEMA, rows_per_file=1, flush_seconds=60)
     sink.add(row(0))
-    (tmp_path / ".part-00000-00001.parquet.tmp").write_bytes(b"half a file")
-    sink = ParquetSink(tmp_path, SCHEMA, rows_per_file=1, flush_seconds=60)
-    assert not (tmp_path / ".part-00000-00001.parquet.tmp").exists()
+    (tmp_path / ".part-00000-00001.parquet.tmp-999").write_bytes(b"half a file")
+    sink = ParquetSink(Folder(tmp_path), SCHEMA, rows_per_file=1, flush_seconds=60)
+    assert not (tmp_path / ".part-00000-00001.parquet.tmp-999").exists()
     sink.add(row(1))
-    assert [p.name for p in committed_parts(tmp_path)] == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
+    assert committed_parts(Folder(tmp_path)) == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
 
 
 def test_kept_columns_follow_the_contract_and_may_not_clash():
@@ -73,15 +74,15 @@ def test_overwrite_leaves_one_result_set(tmp_path):
     old, new = {"prompt": "a"}, {"prompt": "b"}
     for shard in range(3):
         _part(tmp_path, shard, 0)
-    prepare_folder(tmp_path, "resume", 0, 3, old)
-    prepare_folder(tmp_path, "overwrite", 1, 2, new)
-    assert committed_parts(tmp_path) == []
+    prepare_folder(Folder(tmp_path), "resume", 0, 3, old)
+    prepare_folder(Folder(tmp_path), "overwrite", 1, 2, new)
+    assert committed_parts(Folder(tmp_path)) == []
     assert json.loads((tmp_path / SETTINGS).read_text()) == new
 
     for shard in range(3):
         _part(tmp_path, shard, 0)
-    prepare_folder(tmp_path, "overwrite", 0, 2, new)  # shard 1 of this multirun keeps its part; shard 2 is gone
-    assert [p.name for p in committed_parts(tmp_path)] == ["part-00001-00000.parquet"]
+    prepare_folder(Folder(tmp_path), "overwrite", 0, 2, new)  # shard 1 of this multirun keeps its part; shard 2 is gone
+    assert committed_parts(Folder(tmp_path)) == ["part-00001-00000.parquet"]
 
 
 def test_settings_guard_names_each_changed_setting(tmp_path):
@@ -101,15 +102,15 @@ def test_settings_guard_names_each_changed_setting(tmp_path):
         return result_settings(AppConfig(engine=EngineConfig(**engine)), export)
 
     _part(tmp_path, 0, 0)
-    prepare_folder(tmp_path, "resume", 0, 1, settings(precision="f32", dynamic_quantization_group_size=0))
+    prepare_folder(Folder(tmp_path), "resume", 0, 1, settings(precision="f32", dynamic_quantization_group_size=0))
     for engine, change in [
         (dict(dynamic_quantization_group_size=32), "engine.dynamic_quantization_group_size: 0 -> 32"),
         (dict(device="GPU"), "engine.device: 'CPU' -> 'GPU'"),
         (dict(precision="bf16"), "engine.precision: 'f32' -> 'bf16'"),
     ]:
         with pytest.raises(OutputError, match=change):
-            prepare_folder(tmp_path, "resume", 0, 1, settings(**{"precision": "f32", "dynamic_quantization_group_size": 0, **engine}))
+            prepare_folder(Folder(tmp_path), "resume", 0, 1, settings(**{"precision": "f32", "dynamic_quantization_group_size": 0, **engine}))
     # auto is recorded as what it means on this machine, so auto and that precision are one setting.
     (tmp_path / SETTINGS).unlink()
-    prepare_folder(tmp_path, "resume", 0, 1, settings())
-    prepare_folder(tmp_path, "resume", 0, 1, settings(precision=precision(EngineConfig(), export)))
+    prepare_folder(Folder(tmp_path), "resume", 0, 1, settings())
+    prepare_folder(Folder(tmp_path), "resume", 0, 1, settings(precision=precision(EngineConfig(), export)))
