@@ -20,6 +20,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline import files
 from pipeline.sources import Item
 
 T = TypeVar("T")
@@ -46,7 +47,10 @@ class Decoded:
 
 def open_rgb(item: Item, max_pixels: int) -> Image.Image:
     """The item's image, EXIF-oriented, RGB; first frame of animations and multi-page files."""
-    source = io.BytesIO(item.data) if item.data is not None else item.path
+    if item.data is not None:
+        source = io.BytesIO(item.data)
+    else:
+        source = io.BytesIO(files.read_bytes(item.path)) if files.is_remote(item.path) else item.path
     with Image.open(source) as im:
         width, height = im.size
         if width * height > max_pixels:
@@ -97,7 +101,8 @@ def _empty(item: Item) -> bool:
     if item.data is not None:
         return len(item.data) == 0
     try:
-        return os.path.getsize(item.path) == 0
+        fs, path = files.filesystem(item.path)
+        return fs.get_file_info(path).size == 0
     except OSError:
         return False
 

@@ -1,9 +1,10 @@
 """Where items come from: a folder walk, a parquet manifest or WebDataset tars, streamed one item at a time.
 
 A manifest is read in record batches, only the columns needed, and a tar member by member, so memory
-does not grow with the input's length. Problems with the input as a whole (missing path, missing
-column) raise `InputError`; problems with one item (a null cell) travel with the item and become that
-row's error.
+does not grow with the input's length. Each may be local or in object storage (`s3://bucket/prefix`,
+through pyarrow.fs: see pipeline/files.py); a folder in a bucket is listed whole before the run.
+Problems with the input as a whole (missing path, missing column) raise `InputError`; problems with
+one item (a null cell) travel with the item and become that row's error.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from pyarrow.fs import FileSelector, FileType
+
 from pipeline.config import InputConfig, UserError
+from pipeline.files import filesystem, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,11 @@ def _by_hash(cfg: InputConfig, items: Iterator[Item]) -> Iterator[Item]:
 def check(cfg: InputConfig) -> None:
     """Fail fast, before any model is loaded, if the input cannot be read at all."""
     if cfg.kind == "folder":
-        root = Path(cfg.path).expanduser()
-        if not root.exists():
+        found = _info(cfg.path).type
+        if found == FileType.NotFound:
             raise InputError(f"input.path={cfg.path!r} does not exist")
-        if not root.is_dir():
-            hint = " (for a manifest use input=parquet)" if root.suffix == ".parquet" else ""
+        if found != FileType.Directory:
+            hint = " (for a manifest use input=parquet)" if cfg.path.endswith(".parquet") else ""
             raise InputError(f"input.path={cfg.path!r} is not a folder{hint}")
         if next(folder_items(cfg), None) is None:
             exts = ", ".join(cfg.extensions)
@@ -90,6 +94,33 @@ def check(cfg: InputConfig) -> None:
         tar_files(cfg.path)
     else:
         check_manifests(cfg)
+
+
+def _info(location: str):
+    """What `location` is (pyarrow FileInfo: type, size), locally or in object storage."""
+    fs, path = filesystem(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:  # the store refused (credentials, endpoint, bucket)
+        raise InputError(f"cannot read {location!r}: {e}") from None
+
+
+def _listing(prefix: str, wanted: Callable[[str], bool]) -> list[str]:
+    """The files under a folder in object storage whose key under it is `wanted`, sorted by path
+    components (the order of the local walk), as URIs. No name component may start with `.`."""
+    fs, root = filesystem(prefix)
+    root = root.rstrip("/")
+    try:
+        found = fs.get_file_info(FileSelector(root, recursive=True))
+    except OSError as e:
+        raise InputError(f"cannot list {prefix!r}: {e}") from None
+    keys = [info.path[len(root) + 1 :] for info in found if info.type == FileType.File]
+    keys = sorted((k for k in keys if wanted(k) and not any(p.startswith(".") for p in k.split("/"))), key=lambda k: k.split("/"))
+    return [f"{prefix.rstrip('/')}/{key}" for key in keys]
+
+
+def _name(location: str) -> str:
+    return location.rstrip("/").rsplit("/", 1)[-1]
 
 
 # --------------------------------------------------------------------------- folders
@@ -101,8 +132,11 @@ def folder_items(cfg: InputConfig) -> Iterator[Item]:
     Each folder is listed and sorted on its own (files and subfolders together), so the walk streams
     whatever the folder's size and its order does not depend on the file system.
     """
-    root = Path(cfg.path).expanduser()
     exts = {e.lower().lstrip(".") for e in cfg.extensions}
+    if is_remote(cfg.path):
+        found = _listing(cfg.path, lambda key: "." in key and key.rsplit(".", 1)[-1].lower() in exts)
+        return (Item(id=uri[len(cfg.path.rstrip("/")) + 1 :], source=uri, path=uri) for uri in found)
+    root = Path(cfg.path).expanduser()
 
     def walk(folder: Path) -> Iterator[Item]:
         with os.scandir(folder) as it:
@@ -120,10 +154,20 @@ def folder_items(cfg: InputConfig) -> Iterator[Item]:
 # --------------------------------------------------------------------------- manifests
 
 
-def manifest_files(path: str) -> list[Path]:
+def manifest_files(path: str) -> list[str]:
+    if is_remote(path):
+        if glob.has_magic(path):
+            raise InputError(f"input.path={path!r}: globs are for local paths; give the folder (prefix) or a file")
+        found = _info(path).type
+        if found == FileType.NotFound:
+            raise InputError(f"input.path={path!r} does not exist")
+        files = [path] if found == FileType.File else _listing(path, _manifest_key)
+        if not files:
+            raise InputError(f"input.path={path!r} matches no parquet files")
+        return files
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
+        files = sorted(f for f in p.rglob("*.parquet") if _manifest_key(f.relative_to(p).as_posix()))
     elif p.is_file():
         files = [p]
     else:
@@ -132,18 +176,49 @@ def manifest_files(path: str) -> list[Path]:
             raise InputError(f"input.path={path!r} does not exist")
     if not files:
         raise InputError(f"input.path={path!r} matches no parquet files")
-    return files
+    return [str(f) for f in files]
 
 
-def manifest_root(path: str) -> Path:
+def _manifest_key(key: str) -> bool:
+    """A parquet file under a manifest folder, not hidden nor under a `_` or `.` name (Spark's, ours)."""
+    return key.endswith(".parquet") and not any(part.startswith((".", "_")) for part in key.split("/"))
+
+
+def _relative(file: str, root: str) -> str:
+    """A manifest file's name relative to the manifest's root (its own name if outside it)."""
+    if is_remote(file):
+        return file[len(root.rstrip("/")) + 1 :] if file.startswith(root.rstrip("/") + "/") else _name(file)
+    f, r = Path(file), Path(root)
+    return f.relative_to(r).as_posix() if f.is_relative_to(r) else f.name
+
+
+def manifest_rows(files: list[str]) -> int:
+    """Rows in all the files, from their footers."""
+    total = 0
+    for file in files:
+        with _parquet(file) as pf:
+            total += pf.metadata.num_rows
+    return total
+
+
+def _parquet(file: str):
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(file)
+    return pq.ParquetFile(path, filesystem=fs)
+
+
+def manifest_root(path: str) -> str:
     """What manifest files are named relative to: the folder given, a file's folder, or a glob's fixed part."""
+    if is_remote(path):
+        return path if _info(path).type == FileType.Directory else path.rstrip("/").rsplit("/", 1)[0]
     p = Path(path).expanduser()
     if p.is_dir():
-        return p
+        return str(p)
     if p.is_file():
-        return p.parent
+        return str(p.parent)
     fixed = [part for part in p.parts[: next(i for i, part in enumerate(p.parts) if glob.has_magic(part))]]
-    return Path(*fixed) if fixed else Path(".")
+    return str(Path(*fixed)) if fixed else "."
 
 
 def check_manifests(cfg: InputConfig) -> None:
@@ -167,11 +242,10 @@ def check_manifests(cfg: InputConfig) -> None:
                 )
 
 
-def _schema(file: Path):
-    import pyarrow.parquet as pq
-
+def _schema(file: str):
     try:
-        return pq.read_schema(file)
+        with _parquet(file) as pf:
+            return pf.schema_arrow
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise InputError(f"cannot read manifest {str(file)!r}: {e}") from None
 
@@ -201,16 +275,14 @@ def manifest_items(cfg: InputConfig, keep: Callable[[str], bool] | None = None, 
     read for their ids alone, those after it not at all. With `keep`, each of its row groups' ids are
     read first (the id column, the image paths, or nothing for bytes named by their row) and the group
     is read whole only if it holds an id to keep, so a resumed run skips the bytes it finished."""
-    import pyarrow.parquet as pq
-
     columns = _wanted_columns(cfg)
     root = manifest_root(cfg.path)
     files = manifest_files(cfg.path)
     lo, hi = _shard_rows(cfg, files)
     position = 0  # of the row in the whole manifest
     for file in files:
-        name = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
-        with pq.ParquetFile(file) as pf:
+        name = _relative(file, root)
+        with _parquet(file) as pf:
             row = 0  # in this file
             for group in range(pf.metadata.num_row_groups):
                 if position >= hi:
@@ -235,15 +307,13 @@ def manifest_items(cfg: InputConfig, keep: Callable[[str], bool] | None = None, 
                         row, position = row + 1, position + 1
 
 
-def _shard_rows(cfg: InputConfig, files: list[Path]) -> tuple[int, int]:
+def _shard_rows(cfg: InputConfig, files: list[str]) -> tuple[int, int]:
     """This shard's positions [lo, hi): equal contiguous ranges of the manifest's rows (after
     `input.limit`), from the files' footers. A row group that straddles two ranges is read by both."""
-    import pyarrow.parquet as pq
-
     k, n = cfg.shard_index, cfg.num_shards
     if n == 1:  # no footer to read twice
         return 0, cfg.limit if cfg.limit is not None else sys.maxsize
-    total = sum(pq.read_metadata(f).num_rows for f in files)
+    total = manifest_rows(files)
     if cfg.limit is not None:
         total = min(total, cfg.limit)
     return k * total // n, (k + 1) * total // n
@@ -280,7 +350,7 @@ def _item_id(cfg: InputConfig, name: str, row: int, path: str | None, id_value) 
     return path or f"{name}#{row}"
 
 
-def _manifest_item(cfg: InputConfig, file: Path, name: str, row: int, values: dict) -> Item:
+def _manifest_item(cfg: InputConfig, file: str, name: str, row: int, values: dict) -> Item:
     """One row, named by `_item_id`."""
     image = values[cfg.image_column]
     path, data = None, None
@@ -291,8 +361,11 @@ def _manifest_item(cfg: InputConfig, file: Path, name: str, row: int, values: di
     elif isinstance(image, str):
         path = image
     resolved = None
-    if path and data is None:
-        resolved = str(Path(path).expanduser() if Path(path).expanduser().is_absolute() else file.parent / path)
+    if path and data is None:  # a URI, an absolute path, or a path relative to the manifest file
+        if is_remote(path) or Path(path).expanduser().is_absolute():
+            resolved = path if is_remote(path) else str(Path(path).expanduser())
+        else:
+            resolved = f"{file.rsplit('/', 1)[0]}/{path}" if is_remote(file) else str(Path(file).parent / path)
     source = resolved or f"{file}#{row}"
     item = Item(
         id=_item_id(cfg, name, row, path, values.get(cfg.id_column) if cfg.id_column else None),
@@ -331,15 +404,17 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for c in choices for expanded in expand_braces(head + c + tail)]
 
 
-def tar_files(path: str) -> list[Path]:
-    """The tars `input.path` names (braces expanded, then globs), in that order; refused if there are none
-    or a named one is missing."""
-    files: list[Path] = []
-    for pattern in expand_braces(str(Path(path).expanduser())):
+def tar_files(path: str) -> list[str]:
+    """The tars `input.path` names (braces expanded, then globs: local paths only), in that order;
+    refused if there are none or a named one is missing."""
+    files: list[str] = []
+    for pattern in expand_braces(path if is_remote(path) else os.path.expanduser(path)):
+        if glob.has_magic(pattern) and is_remote(pattern):
+            raise InputError(f"input.path={path!r}: globs are for local paths; name the tars with braces ({{00000..00099}})")
         if glob.has_magic(pattern):
-            files += sorted(Path(f) for f in glob.glob(pattern, recursive=True))
-        elif Path(pattern).is_file():
-            files.append(Path(pattern))
+            files += sorted(glob.glob(pattern, recursive=True))
+        elif _info(pattern).type == FileType.File:
+            files.append(pattern)
         else:
             raise InputError(f"input.path={path!r}: {pattern!r} does not exist")
     if not files:
@@ -351,7 +426,7 @@ def tar_files(path: str) -> list[Path]:
 TARS_PER_SHARD = 4
 
 
-def _tar_share(cfg: InputConfig, tars: list[Path]) -> list[Path] | None:
+def _tar_share(cfg: InputConfig, tars: list[str]) -> list[str] | None:
     """This shard's tars: contiguous runs of files of about equal total size. None (split by id hash,
     every shard reading every tar) where there are too few tars to balance or `input.limit` counts
     items across all of them."""
@@ -362,7 +437,7 @@ def _tar_share(cfg: InputConfig, tars: list[Path]) -> list[Path] | None:
         log.info("%d shards over %d tars: split by id hash, each shard reads every tar (%d or more tars "
                  "are split by file%s)", n, len(tars), TARS_PER_SHARD * n, ", without input.limit" if cfg.limit is not None else "")
         return None
-    sizes = [t.stat().st_size for t in tars]
+    sizes = [_info(t).size for t in tars]
     total, start, share = max(sum(sizes), 1), 0, []
     for tar, size in zip(tars, sizes):
         if min(int((start + size / 2) * n / total), n - 1) == cfg.shard_index:
@@ -371,14 +446,15 @@ def _tar_share(cfg: InputConfig, tars: list[Path]) -> list[Path] | None:
     return share
 
 
-def webdataset_items(cfg: InputConfig, tars: list[Path]) -> Iterator[Item]:
+def webdataset_items(cfg: InputConfig, tars: list[str]) -> Iterator[Item]:
     """One item per sample: consecutive members sharing a key (the path up to the first dot of the
     file name). What a damaged tar does not let us read becomes one error row, named after the
     last sample read before it, and the next tar goes on."""
     for file in tars:
         key, members = None, {}
         try:
-            with tarfile.open(file, "r|*") as tar:
+            fs, path = filesystem(file)
+            with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for info in tar:
                     if not info.isfile():
                         continue
@@ -397,14 +473,14 @@ def webdataset_items(cfg: InputConfig, tars: list[Path]) -> Iterator[Item]:
                 yield _sample(cfg, file, key, members)
             after = f"after sample {key!r}" if key is not None else "at its start"
             yield Item(
-                id=f"{file.name}#unreadable",
-                source=str(file),
-                error=f"cannot read tar: {file.name} is damaged {after} ({type(e).__name__}: {e}); the samples after it are lost",
+                id=f"{_name(file)}#unreadable",
+                source=file,
+                error=f"cannot read tar: {_name(file)} is damaged {after} ({type(e).__name__}: {e}); the samples after it are lost",
                 extra={c: None for c in cfg.keep_columns},
             )
 
 
-def _sample(cfg: InputConfig, file: Path, key: str, members: dict[str, bytes]) -> Item:
+def _sample(cfg: InputConfig, file: str, key: str, members: dict[str, bytes]) -> Item:
     image = next((members[e] for e in WDS_IMAGES if e in members), None)
     item = Item(id=key, source=f"{file}#{key}", data=image,
                 extra={c: members[c].decode("utf-8", "replace") if c in members else None for c in cfg.keep_columns})

@@ -109,9 +109,7 @@ def count_input(record: dict) -> int | None:
             return None
         sources.check(cfg)
         if cfg.kind == "parquet":
-            import pyarrow.parquet as pq
-
-            total = sum(pq.ParquetFile(f).metadata.num_rows for f in sources.manifest_files(cfg.path))
+            total = sources.manifest_rows(sources.manifest_files(cfg.path))
         else:
             total = sum(1 for _ in sources.folder_items(cfg))
     except (KeyError, TypeError, UserError, OSError):
