@@ -191,6 +191,11 @@ class Sequences:
     `prefill()` runs the prompts; each `step(keep, tokens)` keeps the listed rows (indices into the
     current rows; the others leave the cache through `beam_idx`) and feeds them one token each. Both
     return a view of the last-position logits, one row per current row.
+
+    Every Kosmos-2 prompt starts with the same image prefix (`<s><image>` and 64 placeholders, 65
+    tokens), which differs only by the image's embeddings. The prefill runs it once per distinct image,
+    then the rest of each prompt (`</image>` and its text, left-padded) on a cache whose rows
+    `beam_idx` copies from that image's row: the K phrases of a class list share one prefix.
     """
 
     def __init__(self, model: KosmosModel, slot: _Slot, batch: list[Request], times: StageTimes | None = None):
@@ -198,39 +203,46 @@ class Sequences:
         self.times = times or StageTimes()
         prompts = [model.encode_prompt(r.prompt) for r in batch]
         self.prompt_ids = [p.input_ids for p in prompts]
-        rows, length = len(batch), max(len(p.input_ids) for p in prompts)
-        pad = model.pad_token_id
-        # Left-pad the prompts into one batch.
-        self.input_ids = np.full((rows, length), pad, dtype=np.int64)
-        self.attention = np.zeros((rows, length), dtype=np.int64)
-        self.image_mask = np.zeros((rows, length), dtype=bool)
-        for i, p in enumerate(prompts):
-            n = len(p.input_ids)
-            self.input_ids[i, length - n :] = p.input_ids
-            self.attention[i, length - n :] = 1
-            self.image_mask[i, length - n :] = p.image_mask
+        n = int(np.flatnonzero(prompts[0].image_mask)[-1]) + 1
+        self.prefix, self.prefix_mask = prompts[0].input_ids[:n], prompts[0].image_mask[:n]
+        if any(not np.array_equal(p.input_ids[:n], self.prefix) for p in prompts):
+            raise ValueError("prompts of one batch must share the image prefix <s><image>...")
+        distinct: dict[int, int] = {}  # id of a pixel array -> its row in the prefix's cache
+        self.pixels = []  # each distinct image once
+        for r in batch:
+            if id(r.pixel_values) not in distinct:
+                distinct[id(r.pixel_values)] = len(self.pixels)
+                self.pixels.append(r.pixel_values)
+        self.image_row = np.array([distinct[id(r.pixel_values)] for r in batch], np.int32)
+        texts = [p.input_ids[len(self.prefix) :] for p in prompts]
+        rows, length, pad = len(batch), max(len(t) for t in texts), model.pad_token_id
+        self.input_ids = np.full((rows, length), pad, dtype=np.int64)  # the texts, left-padded
+        self.attention = np.zeros((rows, len(self.prefix) + length), dtype=np.int64)
+        self.attention[:, : len(self.prefix)] = 1
+        for i, text in enumerate(texts):
+            self.input_ids[i, length - len(text) :] = text
+            self.attention[i, self.attention.shape[1] - len(text) :] = 1
         self.rows = np.arange(rows)  # batch row of each row in the decoder's state
         self.cache_len = self.attention.sum(axis=1)  # tokens in each row's cache, as transformers counts them
 
     def prefill(self) -> np.ndarray:
         slot, pad = self.slot, self.model.pad_token_id
         started = time.perf_counter()
-        # Rows that share one pixel array (several prompts for one image) share one encoding.
-        unique = {id(r.pixel_values): r.pixel_values for r in self.batch}
-        pixels = np.stack(list(unique.values())).astype(np.float32, copy=False)
-        slot.image_encoder.infer({0: pixels})
-        encoded = dict(zip(unique, slot.image_encoder.get_output_tensor(0).data))
-        image_embeds = np.stack([encoded[id(r.pixel_values)] for r in self.batch])
+        slot.image_encoder.infer({0: np.stack(self.pixels).astype(np.float32, copy=False)})
+        image_embeds = slot.image_encoder.get_output_tensor(0).data
         self.times.add("vision", started)
-        self.times.add_count("images_encoded", len(unique))
+        self.times.add_count("images_encoded", len(self.pixels))
         started = time.perf_counter()
-        embeds = slot.embed(self.input_ids)
-        embeds[self.image_mask] = image_embeds.reshape(-1, embeds.shape[-1])
         # Kosmos-2 positions: padding_idx + running count of non-pad tokens; pads sit at padding_idx.
-        counted = (self.attention == 1) & (self.input_ids != pad)
+        n, images = len(self.prefix), len(self.pixels)
+        ids = np.concatenate([np.broadcast_to(self.prefix, (len(self.batch), n)), self.input_ids], axis=1)
+        counted = (self.attention == 1) & (ids != pad)
         positions = np.where(counted, pad + np.cumsum(counted, axis=1), pad)
+        prefix = np.repeat(slot.embed(self.prefix[None]), images, axis=0)
+        prefix[:, self.prefix_mask] = image_embeds
         slot.text_decoder.reset_state()
-        logits = slot.decode(embeds, self.attention, positions, self.rows)
+        slot.decode(prefix, np.ones((images, n), np.int64), np.repeat(positions[:1, :n], images, axis=0), np.arange(images))
+        logits = slot.decode(slot.embed(self.input_ids), self.attention, positions[:, n:], self.image_row)
         self.times.add("prefill", started)
         return logits
 

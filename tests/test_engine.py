@@ -109,6 +109,28 @@ def test_result_never_depends_on_neighbours(random_export, random_refs, processo
         assert as_hf(out, eng.model.eos_token_id) == refs[i], f"image {i} at position {out.tag}"
 
 
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_prompts_sharing_an_image_equal_each_prompt_alone(random_export, random_checkpoint, processor, batch_size):
+    """Several prompts on one pixel array (a class list) share one prefill of the image prefix and
+    copy its cache rows: each row still says what transformers says for that prompt and image alone,
+    whether the image's prompts share a batch (8) or are split across batches (3)."""
+    model = hf_model(random_checkpoint)
+    images = sample_images()[:3]
+    prompts = [PROMPTS[4], "<grounding><phrase> a cat</phrase>", PROMPTS[3], "<grounding><phrase> the table</phrase>"]
+    requests, refs = [], []
+    for i, image in enumerate(images):
+        shared = pixel_values(processor, image)  # one array for all of the image's prompts, as task=ground makes
+        for prompt in prompts:
+            requests.append(Request(shared, prompt, tag=(i, prompt)))
+            refs.append(hf_generate(model, processor, image, prompt, max_new_tokens=16))
+    eng = engine(random_export, batch_size=batch_size, max_new_tokens=16)
+    outs = list(eng.generate(requests))
+    assert eng.times.counts["images_encoded"] == {3: 6, 8: 3}[batch_size]  # once per image and batch
+    assert len({tuple(r) for r in refs}) >= 6  # the prompts lead to different tokens
+    for out, ref in zip(outs, refs):
+        assert as_hf(out, eng.model.eos_token_id) == ref, out.tag
+
+
 def test_logits_match_torch_when_teacher_forced(random_export, random_checkpoint, processor):
     """Token equality can hide drift on a tiny model: every step's logits match torch within 1e-4 (f32),
     for two rows of different prompt length sharing a batch."""
