@@ -133,9 +133,17 @@ class Engine:
 
     def _batches(self, it: Iterator[Request]) -> Iterator[list[Request]]:
         """Batches of `batch_size`, after a first one of 4: the first rows come out in seconds instead
-        of after a whole large batch (measured: warm start to first row 17.5 s -> 8.7 s)."""
-        size = min(self.batch_size, FIRST_BATCH)
-        while batch := list(islice(it, size)):
+        of after a whole large batch (measured: warm start to first row 17.5 s -> 8.7 s). A batch takes
+        in the rest of its last image's requests (a class list), so each image is encoded and its
+        prefix prefilled once."""
+        size, held = min(self.batch_size, FIRST_BATCH), []
+        while batch := held + list(islice(it, size - len(held))):
+            held = []
+            for r in it:
+                if r.pixel_values is None or r.pixel_values is not batch[-1].pixel_values:
+                    held = [r]
+                    break
+                batch.append(r)
             yield batch
             size = self.batch_size
 
