@@ -69,7 +69,7 @@ def generate_once(export: Path, images: list[Path]) -> float:
     cfg = EngineConfig(max_new_tokens=32, min_new_tokens=32)
     model = KosmosModel(export, cfg)
     reqs = [
-        Request(model.processor.image_processor(Image.open(p).convert("RGB"), return_tensors="np")["pixel_values"][0], "<grounding>An image of")
+        Request(model.processor.pixel_values(Image.open(p).convert("RGB")), "<grounding>An image of")
         for p in images
     ]
     t = time.perf_counter()

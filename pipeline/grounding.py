@@ -1,14 +1,17 @@
 """Generated text -> caption, entities and normalised boxes, and each entity's and box's score.
 
-The parsing is transformers' own (`Kosmos2Processor.post_process_generation` is a split at `</image>`
-followed by `clean_text_and_extract_entities_with_bboxes`), so captions and spans are exactly what
-users of the processor get. Scores are read off the generated tokens: `add_scores` finds the same
-entities in the token ids that transformers' pattern finds in their text.
+`parse` gives what transformers' `Kosmos2Processor.post_process_generation` gives (a split at
+`</image>`, then `clean_text_and_extract_entities_with_bboxes`), so captions and spans are exactly what
+users of the processor get; it is written here because importing that function imports torch (4.8 s
+and 450 MB of a run's start-up), and tests/test_grounding.py holds it to transformers' on every case.
+Scores are read off the generated tokens: `add_scores` finds the same entities in the token ids that
+the pattern finds in their text.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 EOI_TOKEN = "</image>"
@@ -42,12 +45,49 @@ class Entity:
         )
 
 
-def parse(text: str, patches_per_side: int = 32) -> tuple[str, list[Entity]]:
-    """Caption and entities of decoded Kosmos-2 text (tags kept; anything before `</image>` ignored)."""
-    from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+TAG = re.compile(r"<.*?>")
+# An object, optionally named by the phrase just before it: its boxes are patch-index pairs.
+ENTITY = re.compile(r"(?:<phrase>([^<]+)</phrase>)?<object>((?:<patch_index_\d+><patch_index_\d+>"
+                    r"</delimiter_of_multi_objects/>)*<patch_index_\d+><patch_index_\d+>)</object>")
+PAIR = re.compile(r"<patch_index_(\d+)><patch_index_(\d+)>")
 
-    caption, entities = clean_text_and_extract_entities_with_bboxes(text.split(EOI_TOKEN)[-1], patches_per_side)
-    return caption, [Entity(name, start, end, [tuple(b) for b in boxes]) for name, (start, end), boxes in entities]
+
+def parse(text: str, patches_per_side: int = 32) -> tuple[str, list[Entity]]:
+    """Caption and entities of decoded Kosmos-2 text (tags kept; anything before `</image>` ignored).
+
+    The caption is the text without tags, stripped; an entity's span is its phrase's place there
+    (spaces around the phrase excluded). An object without a phrase is one entity per box, named
+    `<patch_index_A><patch_index_B>` and spanning nothing where the object starts."""
+    text = text.split(EOI_TOKEN)[-1]
+    plain = TAG.sub("", text)
+    lead = len(plain) - len(plain.lstrip())
+
+    def at(i: int) -> int:  # a position in `text` as a position in the stripped caption
+        return len(TAG.sub("", text[:i])) - lead
+
+    entities = []
+    for m in ENTITY.finditer(text):
+        pairs = [(int(a), int(b)) for a, b in PAIR.findall(m.group(2))]
+        if m.group(1) is not None:
+            name = m.group(1)
+            start = at(m.start(1)) + len(name) - len(name.lstrip())
+            end = at(m.end(1)) - (len(name) - len(name.rstrip()))
+            entities.append(Entity(name.strip(), start, end, [_box(a, b, patches_per_side) for a, b in pairs]))
+        else:
+            where = at(m.start())
+            entities += [Entity(f"<patch_index_{a}><patch_index_{b}>", where, where, [_box(a, b, patches_per_side)])
+                         for a, b in pairs]
+    return plain.strip(), entities
+
+
+def _box(first: int, last: int, n: int) -> tuple[float, float, float, float]:
+    """Patch indices of the upper-left and lower-right cells -> (x1, y1, x2, y2) in [0, 1]: the cells'
+    centres, or their outer edges when both lie in one row or column."""
+    cell = 1.0 / n
+    (y1, x1), (y2, x2) = divmod(first, n), divmod(last, n)
+    if x1 == x2 or y1 == y2:  # one cell, one row or one column
+        return x1 * cell, y1 * cell, x2 * cell + cell, y2 * cell + cell
+    return x1 * cell + cell / 2, y1 * cell + cell / 2, x2 * cell + cell / 2, y2 * cell + cell / 2
 
 
 @dataclass(frozen=True)
@@ -65,19 +105,18 @@ class Tags:
     silent: frozenset[int]  # special tokens that decoding drops (the text never sees them)
 
     @classmethod
-    def of(cls, tokenizer) -> Tags:
-        ids = tokenizer.convert_tokens_to_ids
-        pieces = tokenizer.get_vocab()
+    def of(cls, vocab: dict[str, int], special_ids) -> Tags:
+        """From a tokenizer's vocabulary (added tokens included) and its special token ids."""
         return cls(
-            image_end=ids(EOI_TOKEN),
-            phrase=ids("<phrase>"),
-            phrase_end=ids("</phrase>"),
-            object=ids("<object>"),
-            object_end=ids("</object>"),
-            delimiter=ids("</delimiter_of_multi_objects/>"),
-            patches=frozenset(i for p, i in pieces.items() if p.startswith("<patch_index_")),
-            breaks=frozenset(i for p, i in pieces.items() if "<" in p),
-            silent=frozenset(tokenizer.all_special_ids),
+            image_end=vocab[EOI_TOKEN],
+            phrase=vocab["<phrase>"],
+            phrase_end=vocab["</phrase>"],
+            object=vocab["<object>"],
+            object_end=vocab["</object>"],
+            delimiter=vocab["</delimiter_of_multi_objects/>"],
+            patches=frozenset(i for p, i in vocab.items() if p.startswith("<patch_index_")),
+            breaks=frozenset(i for p, i in vocab.items() if "<" in p),
+            silent=frozenset(special_ids),
         )
 
 

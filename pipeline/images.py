@@ -2,7 +2,7 @@
 
 Decoding follows what a user of the Kosmos-2 processor would do (EXIF orientation applied, then
 `convert("RGB")`), with a pixel-count guard checked on the header, before any pixel is allocated.
-Pixel values come from the export's own image processor, so they are the model's by construction.
+Pixel values come from the export's own image settings (pipeline/processor.py, equal to transformers').
 Any failure here is data: it becomes the item's error, never an exception.
 """
 
@@ -110,15 +110,6 @@ def _empty(item: Item) -> bool:
 def error_kind(error: str) -> str:
     """The words before the first colon: every item error starts with its kind."""
     return error.split(":", 1)[0]
-
-
-def image_preprocessor(processor) -> Callable[[Image.Image], np.ndarray]:
-    """pixel_values for one image, from the saved Kosmos-2 image processor."""
-
-    def preprocess(image: Image.Image) -> np.ndarray:
-        return processor.image_processor(image, return_tensors="np")["pixel_values"][0].astype(np.float32, copy=False)
-
-    return preprocess
 
 
 def default_threads() -> int:

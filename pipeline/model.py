@@ -1,8 +1,8 @@
 """The exported graphs compiled by OpenVINO, and the processor saved beside them.
 
 Owns the runtime and nothing else: compile settings come from `EngineConfig`, generation lives in
-`engine.py`. Needs openvino, numpy and the processor; never torch's model code (transformers still
-imports torch for the processor when it is installed).
+`engine.py`. Needs openvino, numpy and the export's processor files (pipeline/processor.py): a run
+imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ class KosmosModel:
 
     def __init__(self, path: Path, cfg: EngineConfig):
         import openvino as ov
-        from transformers import AutoProcessor
+
+        from pipeline.processor import Processor
 
         self.path = Path(path)
         self.cfg = cfg
@@ -183,15 +184,14 @@ class KosmosModel:
             self.token_embedder = core.compile_model(self.path / "token_embedder.xml", cfg.device, {**props, **cache})
             self.text_decoder = core.compile_model(self.path / "text_decoder.xml", cfg.device, {**decoder_props, **cache})
 
-        self.processor = AutoProcessor.from_pretrained(self.path)
+        self.processor = Processor(self.path)
         config = json.loads((self.path / "config.json").read_text())
         text = config.get("text_config", {})
         self.pad_token_id = int(text.get("pad_token_id", 1))
         self.max_positions = max_positions(self.path)
         self.eos_token_id = int(text.get("eos_token_id", 2))
-        self._blank = None
-        # Engine threads encode prompts while the main thread decodes text: a fast (Rust) tokenizer
-        # is not safe to share between threads ("Already borrowed"), so one caller at a time.
+        # Engine threads encode prompts while the main thread decodes text: a Rust tokenizer shared
+        # between threads has failed with "Already borrowed", so one caller at a time.
         self._tokenizer_lock = threading.Lock()
 
     @property
@@ -205,15 +205,7 @@ class KosmosModel:
 
     @lru_cache(maxsize=4096)
     def _encode_prompt(self, prompt: str) -> Prompt:
-        from PIL import Image
-
-        if self._blank is None:
-            self._blank = Image.new("RGB", (8, 8))
-        enc = self.processor(text=prompt, images=self._blank)
-        return Prompt(
-            input_ids=np.asarray(enc["input_ids"], dtype=np.int64),
-            image_mask=np.asarray(enc["image_embeds_position_mask"], dtype=bool),
-        )
+        return Prompt(*self.processor.encode_prompt(prompt))
 
     def ids_after_image(self, prompt_ids: np.ndarray, generated: list[int]) -> list[int]:
         """The prompt from `</image>` on, then the generated ids: what the caption is read from.
@@ -225,7 +217,7 @@ class KosmosModel:
     def decode(self, ids: list[int]) -> str:
         """Text with the grounding tags kept: what `post_process_generation` expects."""
         with self._tokenizer_lock:
-            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            return self.processor.decode(ids)
 
     def text_after_image(self, prompt_ids: np.ndarray, generated: list[int]) -> str:
         return self.decode(self.ids_after_image(prompt_ids, generated))
@@ -235,4 +227,4 @@ class KosmosModel:
         from pipeline.grounding import Tags
 
         with self._tokenizer_lock:
-            return Tags.of(self.processor.tokenizer)
+            return Tags.of(self.processor.vocab(), self.processor.special_ids)

@@ -280,7 +280,7 @@ def _rows(cfg: AppConfig, model, engine, items: Iterator[sources.Item], previews
     engine untouched."""
     from pipeline.preview import write_preview
 
-    preprocess = images.image_preprocessor(model.processor)
+    preprocess = model.processor.pixel_values
     threads = cfg.input.decode_threads or images.default_threads()
 
     def decode(item):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.images import decode, image_preprocessor, ordered_map
+from pipeline.images import decode, ordered_map
+from pipeline.processor import Processor
 from pipeline.sources import Item
 from tests.conftest import EXAMPLES
 
@@ -23,9 +24,7 @@ def item_of(image: Image.Image, fmt: str = "PNG", **save) -> Item:
 
 @pytest.fixture(scope="module")
 def preprocess(random_export):
-    from transformers import AutoProcessor
-
-    return image_preprocessor(AutoProcessor.from_pretrained(random_export))
+    return Processor(random_export).pixel_values
 
 
 def test_pixel_values_equal_the_saved_processor(preprocess, random_export):

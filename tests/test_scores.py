@@ -63,7 +63,7 @@ def entity_scores_by_hand(ids: list[int], logprobs: list[float | None], tags: Ta
 
 def test_scores_follow_the_tokens_of_each_entity(processor):
     """Distinct made-up log-probabilities at every position: each score is the product over its own tokens."""
-    tags = Tags.of(processor.tokenizer)
+    tags = Tags.of(processor.tokenizer.get_vocab(), processor.tokenizer.all_special_ids)
     for caption in TRAINED_CAPTIONS.values():
         ids = processor.tokenizer(PROMPT + caption, add_special_tokens=False)["input_ids"]
         prompt_len = len(processor.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
@@ -77,7 +77,7 @@ def test_scores_follow_the_tokens_of_each_entity(processor):
 
 
 def test_boxes_without_a_phrase_and_broken_markup(processor):
-    tags = Tags.of(processor.tokenizer)
+    tags = Tags.of(processor.tokenizer.get_vocab(), processor.tokenizer.all_special_ids)
     text = ("<grounding><object><patch_index_0010><patch_index_0200></delimiter_of_multi_objects/>"
             "<patch_index_0300><patch_index_0400></object> and<phrase> a cat</phrase><object><patch_index_0001></object>")
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -92,7 +92,7 @@ def test_boxes_without_a_phrase_and_broken_markup(processor):
 
 def test_scores_agree_when_the_token_walk_and_the_text_disagree(processor):
     """If the entities found in the text are not those found in the tokens, no score is better than a wrong one."""
-    tags = Tags.of(processor.tokenizer)
+    tags = Tags.of(processor.tokenizer.get_vocab(), processor.tokenizer.all_special_ids)
     ids = processor.tokenizer(PROMPT + TRAINED_CAPTIONS["chelsea.png"], add_special_tokens=False)["input_ids"]
     _, entities = parse(processor.tokenizer.decode(ids, skip_special_tokens=True))
     add_scores(entities[:1], ids, [-0.1] * len(ids), tags)  # one entity where the tokens hold two
@@ -104,7 +104,7 @@ def test_rows_carry_scores_that_match_transformers(trained_checkpoint, trained_e
     out = tmp_path / "labels"
     summary = run(config(trained_checkpoint, trained_export, InputConfig(path=str(EXAMPLES)), out), out)
     model = hf_model(trained_checkpoint)
-    tags = Tags.of(processor.tokenizer)
+    tags = Tags.of(processor.tokenizer.get_vocab(), processor.tokenizer.all_special_ids)
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert set(rows) == {p.name for p in example_images()}
     for name, row in rows.items():
