@@ -8,7 +8,11 @@ and by the exported graphs:
   and whether the entities and their boxes are the same;
 - fp32 weights only, computing in f32, fed transformers' tokens (teacher forcing): the largest
   difference of any logit over the prompt and the first FORCED_STEPS steps (compressed weights differ
-  by design; their captions are the test).
+  by design; their captions are the test);
+- the run's own processor (pipeline/processor.py) against transformers' on this checkpoint's
+  tokenizer: the tasks' prompt ids, the photos' pixel values, the captions' text. Any difference
+  fails the check: the tests hold it to transformers' on a tokenizer of their own, this on the
+  user's.
 
 The result is written into the export's `manifest.json` (`verification`) and printed as one line.
 """
@@ -51,6 +55,7 @@ class Verification:
     first_difference: list[int | None]  # per image: index of the first differing token, None if none
     entities_equal: int  # captions whose entities (phrases and boxes) equal transformers'
     max_logit_diff_f32: float | None  # teacher-forced, computing in f32; fp32 weights only
+    processor_differences: list[str]  # where the run's processor differs from transformers' (none expected)
     min_identical: float  # the threshold: the fraction of identical captions required
     passed: bool
     seconds: float
@@ -63,10 +68,11 @@ class Verification:
     def line(self) -> str:
         n = len(self.images)
         forced = "" if self.max_logit_diff_f32 is None else f"; f32 teacher-forced: largest logit difference {self.max_logit_diff_f32:.2g}"
+        differs = f"; THE RUN'S PROCESSOR DIFFERS from transformers' in: {', '.join(self.processor_differences)}" if self.processor_differences else ""
         return (
             f"{self.weight_format} weights, precision {self.precision} (engine defaults): {self.identical} of {n} sample "
             f"captions identical to transformers fp32, entities and boxes equal in {self.entities_equal} of {n}"
-            f"{forced} ({self.seconds:.0f} s)"
+            f"{forced}{differs} ({self.seconds:.0f} s)"
         )
 
 
@@ -97,6 +103,7 @@ def verify(export: Path, model, processor, weight_format: str, engine: EngineCon
     pixels = [kosmos.processor.pixel_values(im) for im in images]  # the export's own processor, as a run
     captions = _captions(kosmos, pixels)
     resolved = kosmos.precision
+    processor_differences = _processor_differences(kosmos, processor, images, pixels, captions)
     del kosmos  # one compiled model in memory at a time, beside transformers'
 
     refs, first_difference = [], []
@@ -127,8 +134,9 @@ def verify(export: Path, model, processor, weight_format: str, engine: EngineCon
         first_difference=first_difference,
         entities_equal=entities_equal,
         max_logit_diff_f32=logit_diff,
+        processor_differences=processor_differences,
         min_identical=min_identical,
-        passed=identical >= min_identical * len(images),
+        passed=identical >= min_identical * len(images) and not processor_differences,
         seconds=round(time.perf_counter() - started, 1),
     )
 
@@ -149,6 +157,26 @@ def _captions(kosmos, pixels) -> list[tuple[list[int], list[int]]]:
         ([int(i) for i in gen.prompt_ids], gen.token_ids + ([kosmos.eos_token_id] if gen.stopped_by_eos else []))
         for gen in Engine(kosmos, kosmos.cfg).generate(requests)
     ]
+
+
+def _processor_differences(kosmos, processor, images, pixels, captions) -> list[str]:
+    """What the run's processor makes differently from transformers' `processor`: prompt ids and image
+    mask of each task's prompt, pixel values of each photo, the text of each caption."""
+    from pipeline.config import GROUND_PROMPT
+
+    found = []
+    for prompt in [PROMPT, "<grounding>Describe this image in detail:", GROUND_PROMPT.format(phrase="a dog")]:
+        enc, mine = processor(text=prompt, images=images[0]), kosmos.encode_prompt(prompt)
+        if mine.input_ids.tolist() != enc["input_ids"] or mine.image_mask.astype(int).tolist() != enc["image_embeds_position_mask"]:
+            found.append(f"prompt ids of {prompt!r}")
+    for path, image, mine in zip(sample_images(), images, pixels):
+        if not np.array_equal(mine, processor.image_processor(image, return_tensors="np")["pixel_values"][0]):
+            found.append(f"pixel values of {path.name}")
+    for path, (prompt_ids, ids) in zip(sample_images(), captions):
+        after = kosmos.ids_after_image(prompt_ids, ids)
+        if kosmos.decode(after) != processor.tokenizer.decode(after, skip_special_tokens=True):
+            found.append(f"the text of {path.name}'s caption")
+    return found
 
 
 def _inputs(processor, image, ids: list[int]) -> dict:

@@ -34,7 +34,7 @@ def test_a_new_export_records_its_agreement_with_transformers(trained_checkpoint
         path = export.ensure_export(ModelConfig(source=str(trained_checkpoint), dir=str(tmp_path / "m"), weight_format=weight_format))
     record = verification(path)
     assert record["passed"] and record["identical"] == 3 and record["entities_equal"] == 3
-    assert record["first_difference"] == [None, None, None]
+    assert record["first_difference"] == [None, None, None] and record["processor_differences"] == []
     assert record["weight_format"] == weight_format and record["precision"] in ("f32", "bf16")
     if weight_format == "fp32":
         assert record["max_logit_diff_f32"] < 1e-4
@@ -97,3 +97,26 @@ def test_verify_true_passes_a_good_export_and_fails_an_altered_one(trained_check
     record = verification(broken)
     assert not record["passed"] and record["identical"] < 2 and record["max_logit_diff_f32"] > 0.1
     assert json.loads((good / "manifest.json").read_text())["verification"]["passed"]
+
+
+def test_a_processor_that_differs_from_transformers_fails_the_check(trained_checkpoint, trained_export, processor, monkeypatch):
+    """The run's own processor is checked on the user's tokenizer at every export: a prompt encoded
+    differently, or pixels off by a rounding, fail it by name."""
+    from pipeline.config import EngineConfig
+    from pipeline.processor import Processor
+    from pipeline.verify import verify
+    from tests.test_engine import hf_model
+
+    encode, pixel_values = Processor.encode_prompt, Processor.pixel_values
+
+    def shifted(self, prompt):
+        ids, mask = encode(self, prompt)
+        return (ids + 1 if "Describe" in prompt else ids), mask
+
+    monkeypatch.setattr(Processor, "encode_prompt", shifted)
+    monkeypatch.setattr(Processor, "pixel_values", lambda self, image: pixel_values(self, image) + np.float32(1e-6))
+    result = verify(trained_export, hf_model(trained_checkpoint), processor, "fp32", EngineConfig(), 0.6)
+    assert not result.passed
+    assert result.processor_differences == ["prompt ids of '<grounding>Describe this image in detail:'"] + [
+        f"pixel values of {p.name}" for p in sample_images()]
+    assert "THE RUN'S PROCESSOR DIFFERS from transformers' in: prompt ids of" in result.line()
