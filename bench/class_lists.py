@@ -41,7 +41,7 @@ def child_project(args) -> dict:
     tokens = PHRASE_TOKENS if ground else CAPTION_TOKENS
     cfg = AppConfig(
         model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format="int8"),
-        engine=EngineConfig(max_new_tokens=tokens, min_new_tokens=tokens),
+        engine=EngineConfig(batch_size=args.batch_size, max_new_tokens=tokens, min_new_tokens=tokens),
         input=InputConfig(path=args.images),
         output=OutputConfig(dir=args.out, mode="overwrite"),
         task=TaskConfig(kind="ground", phrases=PHRASES) if ground else TaskConfig(),
@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--before", default=None, help="another checkout of the project, measured as ground-10-before")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--batch-size", type=int, default=0, help="engine.batch_size of the project's systems (0: its default)")
     p.add_argument("--child", default=None)
     p.add_argument("--result", default=None)
     p.add_argument("--repo", default=str(REPO))
@@ -134,7 +135,8 @@ def main() -> None:
     seconds: dict[str, list[float]] = {s: [] for s in systems}
     for round_ in range(args.rounds):
         for system, repo in systems.items():
-            row = spawn(system, repo=repo, checkpoint=checkpoint, images=images, model_dir=model_dir, out=work / f"{system}-{round_}")
+            row = spawn(system, repo=repo, checkpoint=checkpoint, images=images, model_dir=model_dir,
+                        out=work / f"{system}-{round_}", batch_size=args.batch_size)
             seconds[system].append(row["seconds"] / row["images"])
             print(f"round {round_ + 1} {system}: {seconds[system][-1]:.3f} s/image", flush=True)
     print(f"\n{cpu()}\n{args.images_n} images, medians of {args.rounds} rounds, seconds per image once loaded")

@@ -1,0 +1,177 @@
+"""Captions of real, varying lengths: the project against transformers when rows stop at different steps.
+
+    python bench/real_lengths.py                  # 32 images, 3 rounds (about 12 minutes on 2 cores)
+
+Random weights never stop on their own, so each image is given a caption length between 8 and 64
+tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
+systems give an image the same length): end-of-sequence is held back before it and forced at it, per
+row. transformers stops a batch when its longest row stops, as it does for real captions; the project
+lets rows leave the decoder as they stop. Full-size architecture, int8 export for the project, each
+system in its own process, rounds interleaved; medians of seconds per image once loaded, as ratios to
+transformers bf16 batch 8 measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+SHORTEST, LONGEST = 8, 64
+PROMPT = "<grounding>An image of"
+
+
+def length_of(pixel_values: np.ndarray) -> int:
+    digest = hashlib.sha256(np.ascontiguousarray(pixel_values, dtype=np.float32).tobytes()).digest()
+    return SHORTEST + int.from_bytes(digest[:4], "little") % (LONGEST - SHORTEST + 1)
+
+
+def child_project(args) -> dict:
+    from pipeline import engine
+    from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig
+    from pipeline.run import run
+
+    class Forced(engine.Sequences):
+        """Each row ends at its image's length: end-of-sequence held back before it, forced at it."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.lengths, self.made = np.array([length_of(r.pixel_values) for r in self.batch]), 0
+
+        def _force(self, logits: np.ndarray) -> np.ndarray:
+            logits, eos, wanted = logits.copy(), self.model.eos_token_id, self.lengths[self.rows]
+            logits[wanted > self.made, eos] = -np.inf
+            logits[wanted == self.made, eos] = 1e4
+            self.made += 1
+            return logits
+
+        def prefill(self):
+            return self._force(super().prefill())
+
+        def step(self, keep, tokens):
+            return self._force(super().step(keep, tokens))
+
+    engine.Sequences = Forced
+    cfg = AppConfig(
+        model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format="int8"),
+        engine=EngineConfig(batch_size=args.batch_size, max_new_tokens=LONGEST + 1),
+        input=InputConfig(path=args.images),
+        output=OutputConfig(dir=args.out, mode="overwrite"),
+        prompt=PROMPT,
+    )
+    summary = run(cfg, Path(args.out))
+    return {"images": summary.items, "seconds": summary.items / summary.images_per_s, "tokens": summary.generated_tokens}
+
+
+def child_transformers(args) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+
+    model = Kosmos2ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16).eval()
+    processor = AutoProcessor.from_pretrained(args.checkpoint)
+    eos = model.config.text_config.eos_token_id
+    paths = sorted(Path(args.images).iterdir())
+
+    class Forced(LogitsProcessor):
+        def __init__(self, lengths, prompt):
+            self.lengths, self.prompt = torch.tensor(lengths), prompt
+
+        def __call__(self, input_ids, scores):
+            made = input_ids.shape[1] - self.prompt
+            scores[self.lengths > made, eos] = -float("inf")
+            scores[self.lengths == made, eos] = 1e4
+            return scores
+
+    start, tokens = time.perf_counter(), 0
+    with torch.inference_mode():
+        for i in range(0, len(paths), args.batch_size):
+            images = [Image.open(p).convert("RGB") for p in paths[i : i + args.batch_size]]
+            enc = processor(text=[PROMPT] * len(images), images=images, return_tensors="pt", padding=True)
+            lengths = [length_of(p.numpy()) for p in enc["pixel_values"]]
+            out = model.generate(
+                pixel_values=enc["pixel_values"].to(torch.bfloat16), input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"], image_embeds_position_mask=enc["image_embeds_position_mask"],
+                max_new_tokens=LONGEST + 1, do_sample=False,
+                logits_processor=LogitsProcessorList([Forced(lengths, enc["input_ids"].shape[1])]),
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            assert all(int((row == eos).nonzero()[0]) == n for row, n in zip(new, lengths)), "a row did not stop at its length"
+            tokens += sum(lengths)
+    return {"images": len(paths), "seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+def spawn(system: str, **kw) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+        cmd = [sys.executable, __file__, "--child", system, "--result", result.name]
+        for k, v in kw.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{system} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(result.name).read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--images-n", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--child", default=None)
+    p.add_argument("--result", default=None)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--images", default=None)
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--batch-size", type=int, default=0)
+    args = p.parse_args()
+    if args.child:
+        row = child_transformers(args) if args.child.startswith("tf") else child_project(args)
+        Path(args.result).write_text(json.dumps(row))
+        return
+
+    from class_lists import cpu
+    from export_full_size import CACHE, full_size_checkpoint
+    from throughput import make_images
+
+    from pipeline.config import ModelConfig
+    from pipeline.export import ensure_export
+
+    checkpoint = str(full_size_checkpoint())
+    model_dir = str(ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8"), weight_format="int8")))
+    images = CACHE / f"images-{args.images_n}"
+    if not images.exists():
+        make_images(images, args.images_n)
+    systems = {"tf-bf16-b8": 8, "project (defaults: 16 rows)": 0, "project, 32 rows": 32}
+    work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
+    seconds: dict[str, list[float]] = {s: [] for s in systems}
+    tokens = {}
+    for round_ in range(args.rounds):
+        for k, (system, batch) in enumerate(systems.items()):
+            row = spawn("tf" if system.startswith("tf") else "project", checkpoint=checkpoint, images=images,
+                        model_dir=model_dir, out=work / f"{k}-{round_}", batch_size=batch)
+            seconds[system].append(row["seconds"] / row["images"])
+            tokens[system] = row["tokens"]
+            print(f"round {round_ + 1} {system}: {seconds[system][-1]:.3f} s/image, {row['tokens']} tokens", flush=True)
+    assert len(set(tokens.values())) == 1, f"the systems generated different numbers of tokens: {tokens}"
+    print(f"\n{cpu()}\n{args.images_n} images, captions of {SHORTEST} to {LONGEST} tokens "
+          f"({tokens['tf-bf16-b8'] / args.images_n:.1f} on average), medians of {args.rounds} rounds, seconds per image once loaded")
+    base = statistics.median(seconds["tf-bf16-b8"])
+    print("| system | s/image | runs | x transformers bf16 b8 |\n| --- | --- | --- | --- |")
+    for system, runs in seconds.items():
+        m = statistics.median(runs)
+        print(f"| {system} | {m:.3f} | {' / '.join(f'{r:.2f}' for r in runs)} | {base / m:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
