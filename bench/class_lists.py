@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import cpu, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 PHRASES = ["a person", "a dog", "a cat", "a car", "a bicycle", "a traffic light", "a chair", "a cup of coffee",
@@ -74,25 +73,6 @@ def child_transformers(args) -> dict:
     return {"images": len(paths), "seconds": time.perf_counter() - start}
 
 
-def spawn(system: str, **kw) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        cmd = [sys.executable, __file__, "--child", system, "--result", result.name]
-        for k, v in kw.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{system} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(Path(result.name).read_text())
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    wanted = ["amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f"]
-    return f"{model}, {len(os.sched_getaffinity(0))} cores; flags: " + " ".join(f for f in wanted if f in flags)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images-n", type=int, default=8)
@@ -135,7 +115,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {s: [] for s in systems}
     for round_ in range(args.rounds):
         for system, repo in systems.items():
-            row = spawn(system, repo=repo, checkpoint=checkpoint, images=images, model_dir=model_dir,
+            row = run_child(__file__, system, repo=repo, checkpoint=checkpoint, images=images, model_dir=model_dir,
                         out=work / f"{system}-{round_}", batch_size=args.batch_size)
             seconds[system].append(row["seconds"] / row["images"])
             print(f"round {round_ + 1} {system}: {seconds[system][-1]:.3f} s/image", flush=True)

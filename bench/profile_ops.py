@@ -18,13 +18,14 @@ precision it ran in, `_bf16` / `_f32` / `_I8`; `ref` = reference C++); then the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from harness import cpu
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -57,14 +58,6 @@ def report(title: str, totals: dict, wall: float, n: int, top: int) -> None:
     print("| operation | kernel | share | ms a call |\n| --- | --- | --- | --- |")
     for (kind, kernel), seconds in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
         print(f"| {kind} | {kernel} | {seconds / counted:.1%} | {seconds / counted * wall / n * 1000:.1f} |")
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")))
-    wanted = ["amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f"]
-    return f"{model}, {len(os.sched_getaffinity(0))} cores; flags: " + " ".join(f for f in wanted if f in flags)
 
 
 def main() -> None:

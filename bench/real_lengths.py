@@ -17,13 +17,14 @@ import argparse
 import hashlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from harness import cpu, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -112,17 +113,6 @@ def child_transformers(args) -> dict:
     return {"images": len(paths), "seconds": time.perf_counter() - start, "tokens": tokens}
 
 
-def spawn(system: str, **kw) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        cmd = [sys.executable, __file__, "--child", system, "--result", result.name]
-        for k, v in kw.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{system} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(Path(result.name).read_text())
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images-n", type=int, default=32)
@@ -140,7 +130,6 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(row))
         return
 
-    from class_lists import cpu
     from export_full_size import CACHE, full_size_checkpoint
     from throughput import make_images
 
@@ -158,7 +147,7 @@ def main() -> None:
     tokens = {}
     for round_ in range(args.rounds):
         for k, (system, batch) in enumerate(systems.items()):
-            row = spawn("tf" if system.startswith("tf") else "project", checkpoint=checkpoint, images=images,
+            row = run_child(__file__, "tf" if system.startswith("tf") else "project", checkpoint=checkpoint, images=images,
                         model_dir=model_dir, out=work / f"{k}-{round_}", batch_size=batch)
             seconds[system].append(row["seconds"] / row["images"])
             tokens[system] = row["tokens"]
