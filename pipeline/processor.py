@@ -34,7 +34,7 @@ class Processor:
         added = TAGS + [f"<patch_index_{i:04d}>" for i in range(patches)]
         self.tokenizer.add_tokens([AddedToken(t, lstrip=True, rstrip=False, normalized=False) for t in added])
         self.bos_token = special.get("bos_token", "<s>")
-        self.unk_token_id = self.token_id(special.get("unk_token", "<unk>"))
+        self.unk_token_id = self.tokenizer.token_to_id(special.get("unk_token", "<unk>"))
         self.special_ids = frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
 
         image = config["image_processor"]
@@ -46,9 +46,6 @@ class Processor:
         normalize = image.get("do_normalize", True)
         self.mean = np.array(image["image_mean"] if normalize else [0.0] * 3, np.float32)
         self.std = np.array(image["image_std"] if normalize else [1.0] * 3, np.float32)
-
-    def token_id(self, token: str) -> int | None:
-        return self.tokenizer.token_to_id(token)
 
     def vocab(self) -> dict[str, int]:
         return self.tokenizer.get_vocab(with_added_tokens=True)

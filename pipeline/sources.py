@@ -362,10 +362,14 @@ def _manifest_item(cfg: InputConfig, file: str, name: str, row: int, values: dic
         path = image
     resolved = None
     if path and data is None:  # a URI, an absolute path, or a path relative to the manifest file
-        if is_remote(path) or Path(path).expanduser().is_absolute():
-            resolved = path if is_remote(path) else str(Path(path).expanduser())
+        if is_remote(path):
+            resolved = path
+        elif Path(path).expanduser().is_absolute():
+            resolved = str(Path(path).expanduser())
+        elif is_remote(file):
+            resolved = f"{file.rsplit('/', 1)[0]}/{path}"
         else:
-            resolved = f"{file.rsplit('/', 1)[0]}/{path}" if is_remote(file) else str(Path(file).parent / path)
+            resolved = str(Path(file).parent / path)
     source = resolved or f"{file}#{row}"
     item = Item(
         id=_item_id(cfg, name, row, path, values.get(cfg.id_column) if cfg.id_column else None),
