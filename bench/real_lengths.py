@@ -1,6 +1,7 @@
 """Captions of real, varying lengths: the project against transformers when rows stop at different steps.
 
     python bench/real_lengths.py                  # 32 images, 3 rounds (about 12 minutes on 2 cores)
+    python bench/real_lengths.py --rows 32 64 --before ../before   # more row counts; an older checkout too
 
 Random weights never stop on their own, so each image is given a caption length between 8 and 64
 tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
@@ -43,27 +44,18 @@ def child_project(args) -> dict:
     from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig
     from pipeline.run import run
 
-    class Forced(engine.Sequences):
+    choose = engine.Engine._choose
+
+    def forced(self, decoder, feed, rows, logits):
         """Each row ends at its image's length: end-of-sequence held back before it, forced at it."""
+        logits, eos = logits.copy(), self.model.eos_token_id
+        for j, row in enumerate(rows):
+            if not hasattr(row, "wanted"):
+                row.wanted = length_of(row.request.pixel_values)
+            logits[j, eos] = 1e4 if row.wanted == len(row.generation.token_ids) else -np.inf
+        return choose(self, decoder, feed, rows, logits)
 
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.lengths, self.made = np.array([length_of(r.pixel_values) for r in self.batch]), 0
-
-        def _force(self, logits: np.ndarray) -> np.ndarray:
-            logits, eos, wanted = logits.copy(), self.model.eos_token_id, self.lengths[self.rows]
-            logits[wanted > self.made, eos] = -np.inf
-            logits[wanted == self.made, eos] = 1e4
-            self.made += 1
-            return logits
-
-        def prefill(self):
-            return self._force(super().prefill())
-
-        def step(self, keep, tokens):
-            return self._force(super().step(keep, tokens))
-
-    engine.Sequences = Forced
+    engine.Engine._choose = forced
     cfg = AppConfig(
         model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format="int8"),
         engine=EngineConfig(batch_size=args.batch_size, max_new_tokens=LONGEST + 1),
@@ -117,6 +109,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images-n", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rows", type=int, nargs="*", default=[32], help="engine.batch_size values measured besides the defaults")
+    p.add_argument("--before", default=None, help="another checkout of the project (a git worktree), run by its own copy of this script")
     p.add_argument("--child", default=None)
     p.add_argument("--result", default=None)
     p.add_argument("--checkpoint", default=None)
@@ -141,13 +135,17 @@ def main() -> None:
     images = CACHE / f"images-{args.images_n}"
     if not images.exists():
         make_images(images, args.images_n)
-    systems = {"tf-bf16-b8": 8, "project (defaults: 16 rows)": 0, "project, 32 rows": 32}
+    here = str(Path(__file__).resolve())
+    systems = {"tf-bf16-b8": (here, 8), "project (defaults)": (here, 0)}
+    systems.update({f"project, {n} rows": (here, n) for n in args.rows})
+    if args.before:
+        systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), 0)
     work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
     seconds: dict[str, list[float]] = {s: [] for s in systems}
     tokens = {}
     for round_ in range(args.rounds):
-        for k, (system, batch) in enumerate(systems.items()):
-            row = run_child(__file__, "tf" if system.startswith("tf") else "project", checkpoint=checkpoint, images=images,
+        for k, (system, (script, batch)) in enumerate(systems.items()):
+            row = run_child(script, "tf" if system.startswith("tf") else "project", checkpoint=checkpoint, images=images,
                         model_dir=model_dir, out=work / f"{k}-{round_}", batch_size=batch)
             seconds[system].append(row["seconds"] / row["images"])
             tokens[system] = row["tokens"]

@@ -1,25 +1,27 @@
-"""Greedy generation for micro-batches of images on a pool of OpenVINO infer requests.
+"""Greedy generation with continuous batching on OpenVINO's paged attention.
 
 Decoding a large decoder on CPU is bound by reading its weights once per step, so many sequences
-share each step: prompts are left-padded into one batch, finished rows leave the KV cache through
-`beam_idx`, and several batches are in flight at once (one per request slot, each driven by its own
-thread; OpenVINO releases the GIL while a request runs). Results come back in input order.
+share each step. Captions stop at different steps: a row that stops leaves the decoder at once and a
+new image's rows take its place, so the decoder keeps `batch_size` rows busy and no image waits for a
+neighbour's long caption. The KV cache is a pool of fixed-size blocks (model.paged_decoder): a row
+holds the blocks its tokens fill, prompts need no padding, and rows join or leave between any two
+calls. Each of `num_requests` decoders runs its own rows on its own thread (OpenVINO releases the GIL
+while a request runs); results come back in input order.
 
-An image's result never depends on its batch: position ids count real tokens only, exactly as
-transformers computes them for that image alone.
+An image's tokens never depend on its neighbours: every row's attention reads only its own blocks,
+its positions count its own tokens exactly as transformers does for that image alone, and every
+prompt goes through the same two prefill calls whatever else is admitted with it.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -51,13 +53,18 @@ class Generation:
     stopped_by_eos: bool = False
 
 
-FIRST_BATCH = 4
+FIRST_ROWS = 4
 
 
 def default_batch_size() -> int:
     """16 rows share each decoder step: measured 1.16x faster end to end than 8 on 2 cores (int8),
     since a step costs about the same for 8 or 16 rows (it is bound by reading the weights)."""
     return 16
+
+
+def admit_at(batch_size: int) -> int:
+    """Free rows that make an admission worth its two prefill calls (each reads every weight once)."""
+    return max(1, batch_size // 4)
 
 
 class StageTimes:
@@ -77,29 +84,287 @@ class StageTimes:
             self.counts[name] += n
 
 
-class _Slot:
-    """One request per graph: the unit that one batch occupies from image to last token."""
+@dataclass(eq=False)
+class _Image:
+    """An image's prefix in the cache: whole blocks that every prompt on the image reads."""
 
-    def __init__(self, model: KosmosModel):
+    embeds: np.ndarray  # [64, D] image embeddings, for the placeholders past the shared blocks
+    blocks: list[int]
+    rows: int = 0  # rows still reading the blocks
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt's sequence in the paged cache."""
+
+    index: int  # its request's place in the input
+    request: Request
+    generation: Generation
+    image: _Image
+    blocks: list[int]  # its own blocks, after the image's
+    reserved: int  # its own blocks not yet taken: its longest possible sequence fits when admitted
+    length: int = 0  # tokens in the cache
+    next_token: int = -1  # chosen, not yet fed
+
+    @property
+    def table(self) -> list[int]:
+        return self.image.blocks + self.blocks
+
+
+class Blocks:
+    """The KV-cache blocks of one decoder request, with a free list.
+
+    A row reserves the blocks of its longest possible sequence when it is admitted and takes them as
+    its tokens fill them, so a row never waits for a block and pages that are never written are never
+    touched (the most recently freed block is handed out first).
+    """
+
+    def __init__(self, request, compiled):
+        self.request, self.inputs = request, [i for i in compiled.inputs if i.get_any_name().split(".")[0] in ("key_cache", "value_cache")]
+        shape = self.inputs[0].get_partial_shape()
+        self.size = shape[2].get_length()  # tokens a block holds: [blocks, heads, block, head size]
+
+    def resize(self, count: int) -> None:
+        """New tensors of `count` blocks; only while no row holds any."""
+        import openvino as ov
+
+        for port in self.inputs:
+            dims = [d.get_length() for d in list(port.get_partial_shape())[1:]]
+            self.request.set_tensor(port, ov.Tensor(port.get_element_type(), [count, *dims]))
+        self.count, self.free, self.unreserved = count, list(range(count - 1, -1, -1)), count
+
+    def needed(self, tokens: int) -> int:
+        return math.ceil(tokens / self.size)
+
+    def reserve(self, n: int) -> bool:
+        if n > self.unreserved:
+            return False
+        self.unreserved -= n
+        return True
+
+    def take(self, n: int) -> list[int]:
+        return [self.free.pop() for _ in range(n)]
+
+    def give(self, blocks: list[int], reserved: int = 0) -> None:
+        self.free.extend(reversed(blocks))
+        self.unreserved += len(blocks) + reserved
+
+
+class Decoder:
+    """One paged decoder request, its image encoder and token embedder, its cache blocks and rows.
+
+    `admit(work)` encodes the distinct images of new requests and prefills their prompts, and
+    `step(rows, tokens)` feeds each row one token; both return one row of logits per row.
+
+    Every Kosmos-2 prompt starts with the same image prefix (`<s><image>` and 64 placeholders), which
+    differs only by the image's embeddings. Its whole blocks (64 tokens) are prefilled once per image
+    in a first call, and every prompt on the image reads them: the K phrases of a class list share
+    them. A second call prefills the rest of each prompt (the last placeholders, `</image>`, the text).
+    """
+
+    def __init__(self, model: KosmosModel, max_new_tokens: int, rows: int, times: StageTimes | None = None):
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.times = times or StageTimes()
         self.image_encoder = model.image_encoder.create_infer_request()
         self.token_embedder = model.token_embedder.create_infer_request()
         self.text_decoder = model.text_decoder.create_infer_request()
+        self.blocks = Blocks(self.text_decoder, model.text_decoder)
+        self.blocks.resize(rows * self.blocks.needed(96 + max_new_tokens))  # a caption's prompt is 71 tokens
+
+    def reserve(self, requests: list[Request]) -> bool:
+        """Reserve the blocks that one image's requests can come to fill: the image's shared blocks
+        and each row's own. An empty pool too small for them grows first."""
+        lengths = [len(self.model.encode_prompt(r.prompt).input_ids) for r in requests]
+        shared = self._shared(requests[0].prompt) // self.blocks.size
+        need = shared + sum(self.blocks.needed(n + self.max_new_tokens) - shared for n in lengths)
+        if need > self.blocks.count and self.blocks.unreserved == self.blocks.count:
+            self.blocks.resize(need)
+        return self.blocks.reserve(need)
+
+    def _shared(self, prompt: str) -> int:
+        """Tokens of the image prefix in whole blocks: what the prompts on one image share."""
+        mask = self.model.encode_prompt(prompt).image_mask
+        return (int(np.flatnonzero(mask)[-1]) + 1) // self.blocks.size * self.blocks.size
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        self.token_embedder.infer({"input_ids": ids})
-        return self.token_embedder.get_output_tensor(0).data.copy()
+        """Token embeddings [len(ids), D]: one lookup per token, so any number at once."""
+        self.token_embedder.infer({"input_ids": np.asarray(ids, np.int64)[None]})
+        return self.token_embedder.get_output_tensor(0).data[0].copy()
 
-    def decode(self, embeds, attention_mask, position_ids, beam_idx) -> np.ndarray:
-        """One decoder call; returns a view of the last-position logits (valid until the next call)."""
+    def admit(self, work: list[tuple[int, Request]]) -> tuple[list[Row], np.ndarray]:
+        """Rows for `work` (index, request), whose blocks the caller has reserved, and their first logits."""
+        shared = self._shared(work[0][1].prompt)
+        groups = [0] + [k for k in range(1, len(work)) if work[k][1].pixel_values is not work[k - 1][1].pixel_values]
+        started = time.perf_counter()
+        self.image_encoder.infer({0: np.stack([work[k][1].pixel_values for k in groups]).astype(np.float32, copy=False)})
+        embeds = self.image_encoder.get_output_tensor(0).data.copy()
+        self.times.add("vision", started)
+        self.times.add_count("images_encoded", len(groups))
+
+        started = time.perf_counter()
+        images = {k: _Image(e, self.blocks.take(shared // self.blocks.size)) for k, e in zip(groups, embeds)}
+        image = None
+        rows, chunks = [], []
+        for index, request in work:  # one image's requests are consecutive: each image its own prefix
+            prompt = self.model.encode_prompt(request.prompt)
+            if self._shared(request.prompt) != shared:
+                raise ValueError("prompts admitted together must share the image prefix <s><image>...")
+            image = images.get(len(rows), image)
+            image.rows += 1
+            own = self.blocks.needed(len(prompt.input_ids) + self.max_new_tokens) - len(image.blocks)
+            row = Row(index, request, Generation(request.tag, prompt.input_ids), image, [], own)
+            chunk = self.embed(prompt.input_ids)
+            chunk[prompt.image_mask] = image.embeds
+            rows.append(row)
+            chunks.append(chunk)
+        if shared:  # the images' shared blocks, once each
+            self._call([chunks[k][:shared] for k in groups], [0] * len(groups), [images[k].blocks for k in groups])
+        for row in rows:
+            row.length = shared
+        logits = self._feed(rows, [c[shared:] for c in chunks])
+        self.times.add("prefill", started)
+        return rows, logits
+
+    def step(self, rows: list[Row], tokens: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        embeds = self.embed(tokens)
+        logits = self._feed(rows, [embeds[j : j + 1] for j in range(len(rows))])
+        self.times.add("decode_steps", started)
+        return logits
+
+    def release(self, row: Row) -> None:
+        self.blocks.give(row.blocks, row.reserved)
+        row.blocks, row.reserved = [], 0
+        row.image.rows -= 1
+        if row.image.rows == 0:
+            self.blocks.give(row.image.blocks)
+            row.image.blocks = []
+
+    def _feed(self, rows: list[Row], chunks: list[np.ndarray]) -> np.ndarray:
+        """Append each row's chunk to its sequence (taking blocks as they fill); its last token's logits."""
+        past = [row.length for row in rows]
+        for row, chunk in zip(rows, chunks):
+            row.length += len(chunk)
+            more = self.blocks.needed(row.length) - len(row.table)
+            if more > 0:
+                row.blocks += self.blocks.take(more)
+                row.reserved -= more
+        return self._call(chunks, past, [row.table for row in rows])
+
+    def _call(self, chunks: list[np.ndarray], past: list[int], tables: list[list[int]]) -> np.ndarray:
+        """One decoder call on several sequences' new tokens, laid end to end; a view of each
+        sequence's last-token logits, valid until the next call. Kosmos-2 positions are
+        padding_idx + 1 + the token's place in its sequence."""
+        ends = np.cumsum([len(c) for c in chunks])
+        first = self.model.pad_token_id + 1
         self.text_decoder.infer(
             {
-                "inputs_embeds": embeds,
-                "attention_mask": attention_mask,
-                "position_ids": position_ids,
-                "beam_idx": beam_idx.astype(np.int32),
+                "inputs_embeds": np.concatenate(chunks),
+                "position_ids": np.concatenate([np.arange(p, p + len(c)) for p, c in zip(past, chunks)]) + first,
+                "past_lens": np.array(past, np.int32),
+                "subsequence_begins": np.concatenate([[0], ends]).astype(np.int32),
+                "block_indices": np.concatenate(tables).astype(np.int32),
+                "block_indices_begins": np.cumsum([0] + [len(t) for t in tables]).astype(np.int32),
+                "max_context_len": np.array(max(p + len(c) for p, c in zip(past, chunks)), np.int32),
+                "logits_indices": (ends - 1).astype(np.int32),
             }
         )
         return self.text_decoder.get_output_tensor(0).data
+
+
+class _Feed:
+    """The input, one image's requests at a time, to the decoders' threads; their generations back
+    in input order. A decoder takes new work only within `window` requests of the oldest one not yet
+    given back, so memory stays bounded however long the input and however long one caption runs."""
+
+    def __init__(self, requests: Iterable[Request], window: int, decoders: int):
+        self._it, self._window = iter(requests), window
+        self._lookahead: Request | None = None  # the first request of the image after `_group`
+        self._group: list[Request] | None = None  # the next image's requests, read and not yet taken
+        self._exhausted = False
+        self._taken = 0  # requests handed out or passed through
+        self._read = threading.Lock()
+        self._results = threading.Condition()
+        self._done: dict[int, Generation] = {}
+        self._next = 0  # the next index to give back
+        self._running = decoders  # decoder threads still at work
+        self.error: BaseException | None = None
+        self.stopped = False
+
+    def take(self, decoder: Decoder, rows: int, wait: bool) -> list[tuple[int, Request]] | None:
+        """Whole images' requests for `decoder`: at most `rows` of them and as many as its blocks can
+        hold; None once the input is finished. With `wait` (the decoder has no rows) one image goes
+        in whatever its size, after waiting for room in the window if need be."""
+        with self._read:
+            work: list[tuple[int, Request]] = []
+            while (group := self._peek()) is not None:
+                alone = wait and not work
+                if not alone and len(work) + len(group) > rows:
+                    break
+                if not self._room(len(group), alone) or not decoder.reserve(group):
+                    break
+                work += [(self._taken + k, r) for k, r in enumerate(group)]
+                self._taken += len(group)
+                self._group = None
+            return None if not work and self._exhausted and self._group is None else work
+
+    def _peek(self) -> list[Request] | None:
+        """The next image's requests (consecutive ones sharing one pixel array), read once and held
+        until taken; requests without pixels on the way are given back at once."""
+        while self._group is None and not self._exhausted:
+            first, self._lookahead = self._lookahead or next(self._it, None), None
+            if first is None:
+                self._exhausted = True
+            elif first.pixel_values is None:
+                self.put(self._taken, Generation(first.tag, None))
+                self._taken += 1
+            else:
+                self._group = [first]
+                for r in self._it:
+                    if r.pixel_values is not first.pixel_values:
+                        self._lookahead = r
+                        break
+                    self._group.append(r)
+        return self._group
+
+    def _room(self, n: int, wait: bool) -> bool:
+        with self._results:
+            while self._taken + n > self._next + self._window and self._taken > self._next:
+                if not wait or self.stopped:
+                    return False
+                self._results.wait()
+        return True
+
+    def put(self, index: int, generation: Generation) -> None:
+        with self._results:
+            self._done[index] = generation
+            self._results.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        """A decoder thread is done, or failed with `error` (raised to the caller)."""
+        with self._results:
+            self._running -= 1
+            self.error = self.error or error
+            self._results.notify_all()
+
+    def results(self) -> Iterator[Generation]:
+        while True:
+            with self._results:
+                while self._next not in self._done and self._running and self.error is None:
+                    self._results.wait()
+                if self.error is not None:
+                    raise self.error
+                if self._next not in self._done:
+                    return
+                generation = self._done.pop(self._next)
+                self._next += 1
+                self._results.notify_all()
+            yield generation
+
+    def stop(self) -> None:
+        with self._results:
+            self.stopped = True
+            self._results.notify_all()
 
 
 class Engine:
@@ -109,78 +374,73 @@ class Engine:
         self.batch_size = cfg.batch_size or default_batch_size()
         self.num_requests = model.num_requests
         self.times = StageTimes()
-        self._slots: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(self.num_requests):
-            self._slots.put(_Slot(model))
-        log.info("Engine: batch_size=%d, %d requests in flight", self.batch_size, self.num_requests)
+        self.decoders = [Decoder(model, cfg.max_new_tokens, self.batch_size, self.times) for _ in range(self.num_requests)]
+        log.info("Engine: %d rows per decoder step, %d decoders", self.batch_size, self.num_requests)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Generation]:
-        """Stream generations in input order, keeping every request slot busy.
-
-        At most one batch waits beyond those running, so memory stays bounded however long the input.
-        """
-        pool = ThreadPoolExecutor(self.num_requests, thread_name_prefix="kosmos-engine")
-        pending: deque = deque()
+        """Stream generations in input order, every decoder on its own thread."""
+        feed = _Feed(requests, 4 * self.batch_size * self.num_requests, len(self.decoders))
+        threads = [
+            threading.Thread(target=self._work, args=(d, feed), name=f"kosmos-decoder-{i}", daemon=True)
+            for i, d in enumerate(self.decoders)
+        ]
+        for t in threads:
+            t.start()
         try:
-            for batch in self._batches(iter(requests)):
-                pending.append(pool.submit(self._run_batch, batch))
-                while len(pending) > self.num_requests:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
+            yield from feed.results()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            feed.stop()
+            for t in threads:
+                t.join()
 
-    def _batches(self, it: Iterator[Request]) -> Iterator[list[Request]]:
-        """Batches of `batch_size`, after a first one of 4: the first rows come out in seconds instead
-        of after a whole large batch (measured: warm start to first row 17.5 s -> 8.7 s). A batch takes
-        in the rest of its last image's requests (a class list), so each image is encoded and its
-        prefix prefilled once."""
-        size, held = min(self.batch_size, FIRST_BATCH), []
-        while batch := held + list(islice(it, size - len(held))):
-            held = []
-            for r in it:
-                if r.pixel_values is None or r.pixel_values is not batch[-1].pixel_values:
-                    held = [r]
-                    break
-                batch.append(r)
-            yield batch
-            size = self.batch_size
+    def _work(self, decoder: Decoder, feed: _Feed) -> None:
+        """One decoder's loop: admit new images' rows when enough rows are free, else step every row.
+        Until its first row stops it runs only FIRST_ROWS rows, so the first results come out in
+        seconds rather than after a whole batch's prefill."""
+        rows: list[Row] = []
+        error, limit = None, min(self.batch_size, FIRST_ROWS)
+        decoder.blocks.resize(decoder.blocks.count)  # a fresh pool: nothing left from an earlier run
+        try:
+            while not feed.stopped:
+                if not rows or limit - len(rows) >= admit_at(self.batch_size):
+                    work = feed.take(decoder, limit - len(rows), wait=not rows)
+                    if work is None and not rows:
+                        break
+                    if work:
+                        rows += self._choose(decoder, feed, *decoder.admit(work))
+                        continue
+                if rows:
+                    running = self._choose(decoder, feed, rows, decoder.step(rows, np.array([r.next_token for r in rows])))
+                    limit = self.batch_size if len(running) < len(rows) else limit
+                    rows = running
+        except BaseException as e:  # noqa: BLE001 - given to the caller's thread
+            error = e
+        finally:
+            feed.finish(error)
 
-    def _run_batch(self, batch: list[Request]) -> list[Generation]:
-        work = [r for r in batch if r.pixel_values is not None]
-        done = iter(())
-        if work:
-            slot = self._slots.get()
-            try:
-                done = iter(self._generate(slot, work))
-            finally:
-                self._slots.put(slot)
-        return [next(done) if r.pixel_values is not None else Generation(r.tag, None) for r in batch]
-
-    def _generate(self, slot: _Slot, batch: list[Request]) -> list[Generation]:
+    def _choose(self, decoder: Decoder, feed: _Feed, rows: list[Row], logits: np.ndarray) -> list[Row]:
+        """Each row's next token; rows that stop are given back. Returns the rows still running."""
         cfg, eos = self.cfg, self.model.eos_token_id
-        seqs = Sequences(self.model, slot, batch, self.times)
-        results = [Generation(tag=r.tag, prompt_ids=ids) for r, ids in zip(batch, seqs.prompt_ids)]
-        logits = seqs.prefill()
-        for step in range(cfg.max_new_tokens):
-            if step < cfg.min_new_tokens:
-                logits = logits.copy()
-                logits[:, eos] = -np.inf
-            tokens, logprobs = self._greedy(logits)
-            keep = []
-            for j, (row, token) in enumerate(zip(seqs.rows, tokens)):
-                if token == eos:
-                    results[row].stopped_by_eos = True
+        early = [j for j, r in enumerate(rows) if len(r.generation.token_ids) < cfg.min_new_tokens]
+        if early:
+            logits = logits.copy()
+            logits[early, eos] = -np.inf
+        tokens, logprobs = self._greedy(logits)
+        running = []
+        for row, token, logprob in zip(rows, tokens, logprobs):
+            generation = row.generation
+            if token == eos:
+                generation.stopped_by_eos = True
+            else:
+                generation.token_ids.append(int(token))
+                generation.token_logprobs.append(float(logprob))
+                if len(generation.token_ids) < cfg.max_new_tokens:
+                    row.next_token = int(token)
+                    running.append(row)
                     continue
-                results[row].token_ids.append(int(token))
-                results[row].token_logprobs.append(float(logprobs[j]))
-                if len(results[row].token_ids) < cfg.max_new_tokens:
-                    keep.append(j)
-            if not keep:
-                break
-            logits = seqs.step(np.asarray(keep), tokens[keep])
-        return results
+            decoder.release(row)
+            feed.put(row.index, generation)
+        return running
 
     def _greedy(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each row's most likely token and its log-probability: the chosen logit less the row's
@@ -191,76 +451,3 @@ class Engine:
         logprobs = -np.log(np.exp(logits - best[:, None]).sum(axis=-1))
         self.times.add("token_scores", started)
         return tokens, logprobs
-
-
-class Sequences:
-    """One batch's decoder state on one slot: attention mask, positions, rows still in the KV cache.
-
-    `prefill()` runs the prompts; each `step(keep, tokens)` keeps the listed rows (indices into the
-    current rows; the others leave the cache through `beam_idx`) and feeds them one token each. Both
-    return a view of the last-position logits, one row per current row.
-
-    Every Kosmos-2 prompt starts with the same image prefix (`<s><image>` and 64 placeholders, 65
-    tokens), which differs only by the image's embeddings. The prefill runs it once per distinct image,
-    then the rest of each prompt (`</image>` and its text, left-padded) on a cache whose rows
-    `beam_idx` copies from that image's row: the K phrases of a class list share one prefix.
-    """
-
-    def __init__(self, model: KosmosModel, slot: _Slot, batch: list[Request], times: StageTimes | None = None):
-        self.model, self.slot, self.batch = model, slot, batch
-        self.times = times or StageTimes()
-        prompts = [model.encode_prompt(r.prompt) for r in batch]
-        self.prompt_ids = [p.input_ids for p in prompts]
-        n = int(np.flatnonzero(prompts[0].image_mask)[-1]) + 1
-        self.prefix, self.prefix_mask = prompts[0].input_ids[:n], prompts[0].image_mask[:n]
-        if any(not np.array_equal(p.input_ids[:n], self.prefix) for p in prompts):
-            raise ValueError("prompts of one batch must share the image prefix <s><image>...")
-        distinct: dict[int, int] = {}  # id of a pixel array -> its row in the prefix's cache
-        self.pixels = []  # each distinct image once
-        for r in batch:
-            if id(r.pixel_values) not in distinct:
-                distinct[id(r.pixel_values)] = len(self.pixels)
-                self.pixels.append(r.pixel_values)
-        self.image_row = np.array([distinct[id(r.pixel_values)] for r in batch], np.int32)
-        texts = [p.input_ids[len(self.prefix) :] for p in prompts]
-        rows, length, pad = len(batch), max(len(t) for t in texts), model.pad_token_id
-        self.input_ids = np.full((rows, length), pad, dtype=np.int64)  # the texts, left-padded
-        self.attention = np.zeros((rows, len(self.prefix) + length), dtype=np.int64)
-        self.attention[:, : len(self.prefix)] = 1
-        for i, text in enumerate(texts):
-            self.input_ids[i, length - len(text) :] = text
-            self.attention[i, self.attention.shape[1] - len(text) :] = 1
-        self.rows = np.arange(rows)  # batch row of each row in the decoder's state
-        self.cache_len = self.attention.sum(axis=1)  # tokens in each row's cache, as transformers counts them
-
-    def prefill(self) -> np.ndarray:
-        slot, pad = self.slot, self.model.pad_token_id
-        started = time.perf_counter()
-        slot.image_encoder.infer({0: np.stack(self.pixels).astype(np.float32, copy=False)})
-        image_embeds = slot.image_encoder.get_output_tensor(0).data
-        self.times.add("vision", started)
-        self.times.add_count("images_encoded", len(self.pixels))
-        started = time.perf_counter()
-        # Kosmos-2 positions: padding_idx + running count of non-pad tokens; pads sit at padding_idx.
-        n, images = len(self.prefix), len(self.pixels)
-        ids = np.concatenate([np.broadcast_to(self.prefix, (len(self.batch), n)), self.input_ids], axis=1)
-        counted = (self.attention == 1) & (ids != pad)
-        positions = np.where(counted, pad + np.cumsum(counted, axis=1), pad)
-        prefix = np.repeat(slot.embed(self.prefix[None]), images, axis=0)
-        prefix[:, self.prefix_mask] = image_embeds
-        slot.text_decoder.reset_state()
-        slot.decode(prefix, np.ones((images, n), np.int64), np.repeat(positions[:1, :n], images, axis=0), np.arange(images))
-        logits = slot.decode(slot.embed(self.input_ids), self.attention, positions[:, n:], self.image_row)
-        self.times.add("prefill", started)
-        return logits
-
-    def step(self, keep: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        pad, started = self.model.pad_token_id, time.perf_counter()
-        self.rows = self.rows[keep]
-        self.attention = np.concatenate([self.attention[keep], np.ones((len(keep), 1), np.int64)], axis=1)
-        # transformers' decode-step position: padding_idx + 1 + tokens already cached (pad ids sit at padding_idx).
-        positions = np.where(tokens == pad, pad, pad + 1 + self.cache_len[self.rows])[:, None]
-        self.cache_len[self.rows] += 1
-        logits = self.slot.decode(self.slot.embed(tokens[:, None].astype(np.int64)), self.attention, positions, keep)
-        self.times.add("decode_steps", started)
-        return logits

@@ -114,6 +114,34 @@ def compile_properties(cfg: EngineConfig, precision: str, decoder: bool = False)
     return props
 
 
+def paged_decoder(core, path: Path):
+    """The exported stateful decoder rewritten for paged attention, the basis of continuous batching.
+
+    OpenVINO's `paged_attention_transformation` makes the KV cache a set of blocks passed in as inputs
+    (`key_cache.i`, `value_cache.i`), with the new tokens of several sequences laid end to end
+    (`past_lens`, `subsequence_begins`, a block table per sequence): sequences of any lengths share a
+    call without padding and can join or leave between calls. It keeps every token's hidden state, so
+    a `logits_indices` input picks the tokens whose logits are wanted before the final norm and the
+    vocabulary projection (the export took the last position there).
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import paged_attention_transformation
+
+    model = core.read_model(path)
+    paged_attention_transformation(model)
+    last = model.get_results()[0].input_value(0).get_node()
+    while last.get_type_name() != "Gather":  # the export's `hidden[:, -1]`, now over [tokens, 1, width]
+        last = last.input_value(0).get_node()
+    indices = ops.parameter([-1], ov.Type.i32, name="logits_indices")
+    indices.output(0).set_names({"logits_indices"})
+    hidden = ops.squeeze(last.input_value(0), ops.constant(np.array([1], np.int64)))
+    last.output(0).replace(ops.gather(hidden, indices, ops.constant(np.array(0, np.int64))).output(0))
+    model.add_parameters([indices])
+    model.validate_nodes_and_infer_types()
+    return model
+
+
 def cache_folder(root: Path, props: dict, device: str, core) -> Path:
     """A compiled-blob folder of its own for each set of compile settings.
 
@@ -161,7 +189,7 @@ def check_device(device: str) -> None:
 
 
 class KosmosModel:
-    """Compiled image encoder, token embedder and stateful text decoder of one export folder."""
+    """Compiled image encoder, token embedder and paged text decoder of one export folder."""
 
     def __init__(self, path: Path, cfg: EngineConfig):
         import openvino as ov
@@ -182,7 +210,7 @@ class KosmosModel:
         with flock(folder / ".lock"):
             self.image_encoder = core.compile_model(self.path / "image_encoder.xml", cfg.device, {**props, **cache})
             self.token_embedder = core.compile_model(self.path / "token_embedder.xml", cfg.device, {**props, **cache})
-            self.text_decoder = core.compile_model(self.path / "text_decoder.xml", cfg.device, {**decoder_props, **cache})
+            self.text_decoder = core.compile_model(paged_decoder(core, self.path / "text_decoder.xml"), cfg.device, {**decoder_props, **cache})
 
         self.processor = Processor(self.path)
         config = json.loads((self.path / "config.json").read_text())

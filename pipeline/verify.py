@@ -225,18 +225,23 @@ def _entities(processor, prompt_ids: list[int], ids: list[int]) -> list:
 def _teacher_forced_diff(kosmos, pixels, refs: list[tuple[list[int], np.ndarray]]) -> float:
     """Largest |logit - transformers' logit| over the prompt and the first FORCED_STEPS steps of
     transformers' captions, the images in one batch fed their own caption's tokens."""
-    from pipeline.engine import Request, Sequences, _Slot
+    from pipeline.engine import Decoder, Request
 
-    seqs = Sequences(kosmos, _Slot(kosmos), [Request(p, PROMPT) for p in pixels])
-    logits, rows, step, worst = seqs.prefill(), list(range(len(pixels))), 0, 0.0
+    decoder = Decoder(kosmos, FORCED_STEPS, len(pixels))
+    work = [(i, Request(p, PROMPT)) for i, p in enumerate(pixels)]
+    for _, request in work:
+        decoder.reserve([request])
+    rows, logits = decoder.admit(work)
+    indices, step, worst = list(range(len(pixels))), 0, 0.0
     while True:
-        for j, i in enumerate(rows):
+        for j, i in enumerate(indices):
             worst = max(worst, float(np.abs(logits[j] - refs[i][1][step]).max()))
-        keep = [j for j, i in enumerate(rows) if step + 1 < min(len(refs[i][0]), FORCED_STEPS + 1)]
+        keep = [j for j, i in enumerate(indices) if step + 1 < min(len(refs[i][0]), FORCED_STEPS + 1)]
         if not keep:
             return worst
-        logits = seqs.step(np.array(keep), np.array([refs[rows[j]][0][step] for j in keep]))
-        rows, step = [rows[j] for j in keep], step + 1
+        rows, indices = [rows[j] for j in keep], [indices[j] for j in keep]
+        logits = decoder.step(rows, np.array([refs[i][0][step] for i in indices]))
+        step += 1
 
 
 def report(result: Verification) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import EngineConfig
-from pipeline.engine import Engine, Request, Sequences
+from pipeline.engine import Decoder, Engine, Request
 from pipeline.grounding import parse
 from pipeline.model import KosmosModel, precision
 from tests.conftest import PROMPT, TRAINED_CAPTIONS, EXAMPLES, example_images, load_rgb, pixel_values
@@ -100,7 +100,7 @@ def test_token_parity_with_transformers(random_export, random_refs, processor, b
 
 
 def test_result_never_depends_on_neighbours(random_export, random_refs, processor):
-    """Each image in every position of batches of 4 with other prompts (left padding) gives its own result."""
+    """Each image among different neighbours and prompts, on two decoders of 4 rows, gives its own result."""
     pairs, refs = random_refs
     eng = engine(random_export, batch_size=4, max_new_tokens=24, num_requests=2)
     order = [5, 0, 7, 2, 1, 6, 3, 4, 0, 2, 7]  # repeats, different neighbours, a partial last batch
@@ -109,11 +109,11 @@ def test_result_never_depends_on_neighbours(random_export, random_refs, processo
         assert as_hf(out, eng.model.eos_token_id) == refs[i], f"image {i} at position {out.tag}"
 
 
-@pytest.mark.parametrize("batch_size", [3, 8])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_prompts_sharing_an_image_equal_each_prompt_alone(random_export, random_checkpoint, processor, batch_size):
-    """Several prompts on one pixel array (a class list) share one prefill of the image prefix and
-    copy its cache rows: each row still says what transformers says for that prompt and image alone,
-    with batches of 3 or 8 requests (a batch grows to take in the rest of its last image's prompts)."""
+    """Several prompts on one pixel array (a class list) share the cache blocks of one prefill of the
+    image prefix: each row still says what transformers says for that prompt and image alone, with 1,
+    3 or 8 rows a step (an image's prompts are admitted together, growing the block pool if need be)."""
     model = hf_model(random_checkpoint)
     images = sample_images()[:3]
     prompts = [PROMPTS[4], "<grounding><phrase> a cat</phrase>", PROMPTS[3], "<grounding><phrase> the table</phrase>"]
@@ -125,7 +125,7 @@ def test_prompts_sharing_an_image_equal_each_prompt_alone(random_export, random_
             refs.append(hf_generate(model, processor, image, prompt, max_new_tokens=16))
     eng = engine(random_export, batch_size=batch_size, max_new_tokens=16)
     outs = list(eng.generate(requests))
-    assert eng.times.counts["images_encoded"] == 3  # once per image: a batch takes in the rest of its image
+    assert eng.times.counts["images_encoded"] == 3  # once per image: its prompts are admitted together
     assert len({tuple(r) for r in refs}) >= 6  # the prompts lead to different tokens
     for out, ref in zip(outs, refs):
         assert as_hf(out, eng.model.eos_token_id) == ref, out.tag
@@ -139,11 +139,14 @@ def test_logits_match_torch_when_teacher_forced(random_export, random_checkpoint
     prompts = [PROMPTS[0], PROMPTS[4]]
     forced = [[5, 80, 13, 226, 31, 2, 9, 200], [77, 78, 79, 226, 227, 31, 40, 41]]  # eos (2) mid-sequence too
 
-    eng = engine(random_export)
-    seqs = Sequences(eng.model, eng._slots.get(), requests_for(processor, list(zip(images, prompts))))
-    ov_steps = [seqs.prefill().copy()]
+    decoder = Decoder(engine(random_export).model, len(forced[0]), 2)
+    work = list(enumerate(requests_for(processor, list(zip(images, prompts)))))
+    for _, request in work:
+        assert decoder.reserve([request])
+    rows, logits = decoder.admit(work)
+    ov_steps = [logits.copy()]
     for k in range(len(forced[0])):
-        ov_steps.append(seqs.step(np.arange(2), np.array([forced[0][k], forced[1][k]])).copy())
+        ov_steps.append(decoder.step(rows, np.array([forced[0][k], forced[1][k]])).copy())
 
     for row, (image, prompt) in enumerate(zip(images, prompts)):
         enc = processor(text=prompt, images=image, return_tensors="pt")
@@ -176,6 +179,35 @@ def test_rows_finish_at_different_steps(trained_export, processor):
         assert short[n].token_ids == full[n].token_ids[:cut]
         assert len(short[n].token_ids) == min(cut, lengths[n])
         assert short[n].stopped_by_eos == (lengths[n] < cut)
+
+
+def test_stopped_rows_are_replaced_mid_run(trained_export, processor, monkeypatch):
+    """Continuous batching: when a caption stops, the next image's row joins the rows still decoding,
+    and every image keeps the tokens it gets alone."""
+    names = list(TRAINED_CAPTIONS) * 2
+    alone = [o.token_ids for o in engine(trained_export, batch_size=1).generate(requests_by_name(processor, names))]
+    steps = []
+    step = Decoder.step
+    monkeypatch.setattr(Decoder, "step", lambda self, rows, tokens: steps.append([r.index for r in rows]) or step(self, rows, tokens))
+    outs = list(engine(trained_export, batch_size=2).generate(requests_by_name(processor, names)))
+    assert [o.token_ids for o in outs] == alone
+    assert len({len(t) for t in alone}) > 1
+    # a row admitted after the first two shared steps with one of them: it did not wait for the batch
+    assert any(min(rows) < 2 <= max(rows) for rows in steps)
+    assert max(len(rows) for rows in steps) == 2
+
+
+def test_an_input_that_fails_stops_the_run_with_its_error(random_export, processor):
+    image = pixel_values(processor, sample_images()[0])
+
+    def requests():
+        yield from (Request(image, PROMPT, tag=i) for i in range(3))
+        raise RuntimeError("the source broke")
+
+    eng = engine(random_export, batch_size=2, max_new_tokens=4, num_requests=2)
+    with pytest.raises(RuntimeError, match="the source broke"):
+        list(eng.generate(requests()))
+    assert len(list(eng.generate(Request(image, PROMPT, tag=i) for i in range(3)))) == 3  # the engine still works
 
 
 def test_min_new_tokens_matches_transformers(trained_export, trained_checkpoint, processor):
