@@ -1,7 +1,7 @@
 """Captions of real, varying lengths: the project against transformers when rows stop at different steps.
 
     python bench/real_lengths.py                  # 32 images, 3 rounds (about 12 minutes on 2 cores)
-    python bench/real_lengths.py --rows 32 64 --before ../before   # more row counts; an older checkout too
+    python bench/real_lengths.py --images-n 64 --rows 16 32 64 --before ../before   # row counts; an older checkout
 
 Random weights never stop on their own, so each image is given a caption length between 8 and 64
 tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
@@ -109,7 +109,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images-n", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--rows", type=int, nargs="*", default=[32], help="engine.batch_size values measured besides the defaults")
+    p.add_argument("--rows", type=int, nargs="*", default=[0, 32], help="engine.batch_size values measured (0: the defaults)")
     p.add_argument("--before", default=None, help="another checkout of the project (a git worktree), run by its own copy of this script")
     p.add_argument("--child", default=None)
     p.add_argument("--result", default=None)
@@ -136,8 +136,8 @@ def main() -> None:
     if not images.exists():
         make_images(images, args.images_n)
     here = str(Path(__file__).resolve())
-    systems = {"tf-bf16-b8": (here, 8), "project (defaults)": (here, 0)}
-    systems.update({f"project, {n} rows": (here, n) for n in args.rows})
+    systems = {"tf-bf16-b8": (here, 8)}
+    systems.update({f"project, {n} rows" if n else "project (defaults)": (here, n) for n in args.rows})
     if args.before:
         systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), 0)
     work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))

@@ -290,6 +290,7 @@ class _Feed:
         self._running = decoders  # decoder threads still at work
         self.error: BaseException | None = None
         self.stopped = False
+        self.started = False  # the first result is done
 
     def take(self, decoder: Decoder, rows: int, wait: bool) -> list[tuple[int, Request]] | None:
         """Whole images' requests for `decoder`: at most `rows` of them and as many as its blocks can
@@ -337,6 +338,7 @@ class _Feed:
 
     def put(self, index: int, generation: Generation) -> None:
         with self._results:
+            self.started = self.started or index == 0
             self._done[index] = generation
             self._results.notify_all()
 
@@ -395,13 +397,14 @@ class Engine:
 
     def _work(self, decoder: Decoder, feed: _Feed) -> None:
         """One decoder's loop: admit new images' rows when enough rows are free, else step every row.
-        Until its first row stops it runs only FIRST_ROWS rows, so the first results come out in
-        seconds rather than after a whole batch's prefill."""
+        Until the run's first result is given back it runs only FIRST_ROWS rows, so the first rows
+        are written in seconds rather than after a whole batch's prefill and its longest caption."""
         rows: list[Row] = []
-        error, limit = None, min(self.batch_size, FIRST_ROWS)
+        error = None
         decoder.blocks.resize(decoder.blocks.count)  # a fresh pool: nothing left from an earlier run
         try:
             while not feed.stopped:
+                limit = self.batch_size if feed.started else min(self.batch_size, FIRST_ROWS)
                 if not rows or limit - len(rows) >= admit_at(self.batch_size):
                     work = feed.take(decoder, limit - len(rows), wait=not rows)
                     if work is None and not rows:
@@ -410,9 +413,7 @@ class Engine:
                         rows += self._choose(decoder, feed, *decoder.admit(work))
                         continue
                 if rows:
-                    running = self._choose(decoder, feed, rows, decoder.step(rows, np.array([r.next_token for r in rows])))
-                    limit = self.batch_size if len(running) < len(rows) else limit
-                    rows = running
+                    rows = self._choose(decoder, feed, rows, decoder.step(rows, np.array([r.next_token for r in rows])))
         except BaseException as e:  # noqa: BLE001 - given to the caller's thread
             error = e
         finally:
