@@ -59,9 +59,9 @@ class EngineConfig:
     # auto | f32 | bf16: OpenVINO's inference precision and KV-cache precision. auto = bf16 where the
     # CPU has it natively, except int8/int4 weights on AMX CPUs (f32): see pipeline.model.precision.
     precision: str = "auto"
-    # Images per micro-batch; 0 = derived from the machine.
+    # Rows each decoder step runs (continuous batching: a row that stops is replaced); 0 = the default.
     batch_size: int = 0
-    # Batches in flight on the infer-request pool (one OpenVINO stream each); 0 = one per 8 cores.
+    # Decoders side by side, each with its own rows, thread and OpenVINO stream; 0 = one per 8 cores.
     num_requests: int = 0
     max_new_tokens: int = 128
     # Mirrors transformers' min_new_tokens: end-of-sequence is suppressed until this many.
