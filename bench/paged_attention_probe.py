@@ -7,7 +7,8 @@ blocks given as inputs (`key_cache.i`, `value_cache.i`), with the sequences of a
 (`subsequence_begins`, `past_lens`, a block table per sequence): rows of different lengths need no
 padding, and a sequence can join or leave between any two calls. This probe prefills two sequences of
 different lengths in one call, compares their last-position logits with the stateful decoder on each
-alone, takes a decode step, and times decode steps of 32 sequences. Nothing in the pipeline uses it yet.
+alone, takes a decode step, and times decode steps of 32 sequences. The engine now runs on it
+(pipeline/model.py: paged_decoder, which also restores the last-position slice).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class EngineConfig:
     precision: str = "auto"
     # Rows each decoder step runs (continuous batching: a row that stops is replaced); 0 = the default.
     batch_size: int = 0
-    # Decoders side by side, each with its own rows, thread and OpenVINO stream; 0 = one per 8 cores.
+    # Decoders side by side, each with its own rows, thread and OpenVINO stream; 0 = one.
     num_requests: int = 0
     max_new_tokens: int = 128
     # Mirrors transformers' min_new_tokens: end-of-sequence is suppressed until this many.

@@ -90,7 +90,6 @@ class StageTimes:
 class _Image:
     """An image's prefix in the cache: whole blocks that every prompt on the image reads."""
 
-    embeds: np.ndarray  # [64, D] image embeddings, for the placeholders past the shared blocks
     blocks: list[int]
     rows: int = 0  # rows still reading the blocks
 
@@ -204,23 +203,23 @@ class Decoder:
         self.times.add_count("images_encoded", len(groups))
 
         started = time.perf_counter()
-        images = {k: _Image(e, self.blocks.take(shared // self.blocks.size)) for k, e in zip(groups, embeds)}
-        image = None
+        images = {k: (_Image(self.blocks.take(shared // self.blocks.size)), e) for k, e in zip(groups, embeds)}
         rows, chunks = [], []
-        for index, request in work:  # one image's requests are consecutive: each image its own prefix
+        for k, (index, request) in enumerate(work):  # one image's requests are consecutive: each image its own prefix
             prompt = self.model.encode_prompt(request.prompt)
             if self._shared(request.prompt) != shared:
                 raise ValueError("prompts admitted together must share the image prefix <s><image>...")
-            image = images.get(len(rows), image)
+            if k in images:
+                image, image_embeds = images[k]
             image.rows += 1
             own = self.blocks.needed(len(prompt.input_ids) + self.max_new_tokens) - len(image.blocks)
             row = Row(index, request, Generation(request.tag, prompt.input_ids), image, [], own)
             chunk = self.embed(prompt.input_ids)
-            chunk[prompt.image_mask] = image.embeds
+            chunk[prompt.image_mask] = image_embeds
             rows.append(row)
             chunks.append(chunk)
         if shared:  # the images' shared blocks, once each
-            self._call([chunks[k][:shared] for k in groups], [0] * len(groups), [images[k].blocks for k in groups])
+            self._call([chunks[k][:shared] for k in groups], [0] * len(groups), [images[k][0].blocks for k in groups])
         for row in rows:
             row.length = shared
         logits = self._feed(rows, [c[shared:] for c in chunks])

@@ -5,7 +5,8 @@ The graphs each do all of their own math, so the run needs neither torch nor tra
                   (vision tower, post_layernorm, L2 normalisation, image-to-text projection)
   token_embedder  input_ids[B,T] -> token embeddings[B,T,D]  (unscaled, as `embed_tokens` gives them)
   text_decoder    inputs_embeds, attention_mask, position_ids, beam_idx -> logits of the last position;
-                  stateful: the KV cache lives in the infer request, `beam_idx` reorders or drops its rows.
+                  stateful: the KV cache lives in the infer request, `beam_idx` reorders or drops its rows
+                  (a run rewrites it for paged attention at load time: model.paged_decoder).
 An export is written to a temporary folder, checked against transformers on the weights just loaded
 (pipeline/verify.py), and renamed into place, with `manifest.json` (holding that check) written last,
 so a folder with a complete manifest is a complete export.
