@@ -37,6 +37,9 @@ class ModelConfig:
     dir: str | None = None
     # fp32 | fp16 | int8 | int4 (int8/int4: NNCF weight compression).
     weight_format: str = "int8"
+    # int8/int4: the image encoder computes in int8 too (NNCF static quantisation, calibrated on the
+    # photos in pipeline/samples/calibration/); false = its weights only, like the decoder's.
+    quantize_image_encoder: bool = True
     # After exporting, caption the sample photos with transformers and with the export (pipeline/verify.py).
     verify_after_export: bool = True
     # ...and warn (kosmos-export verify=true: exit 4) below this fraction of identical captions.

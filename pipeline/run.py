@@ -86,7 +86,10 @@ def result_settings(cfg: AppConfig, model_dir: Path) -> dict:
     from pipeline.model import precision
     from pipeline.sink import SCHEMA_VERSION
 
+    # Recorded only where it applies, so that fp32/fp16 results made before it existed still resume.
+    encoder = {"model.quantize_image_encoder": cfg.model.quantize_image_encoder} if cfg.model.weight_format in ("int8", "int4") else {}
     return {
+        **encoder,
         "output.schema_version": SCHEMA_VERSION,
         "model.source": cfg.model.source,
         "model.revision": cfg.model.revision,

@@ -252,7 +252,8 @@ def report(result: Verification) -> None:
     log.warning(
         "\n" + "!" * 100 + "\nEXPORT DISAGREES WITH TRANSFORMERS: %s\nonly %d of %d captions identical, below "
         "model.min_identical=%s. Its labels may not be what the checkpoint says: check model.source and "
-        "model.revision, export again (model.weight_format=fp32 compresses nothing), or run with engine.precision=f32.\n" + "!" * 100,
+        "model.revision, export again (model.quantize_image_encoder=false quantises the image encoder's weights only, "
+        "model.weight_format=fp32 compresses nothing), or run with engine.precision=f32.\n" + "!" * 100,
         result.line(), result.identical, len(result.images), result.min_identical,
     )
 

@@ -162,6 +162,36 @@ def test_compressed_exports_load_and_generate(trained_checkpoint, trained_export
     print(f"{weight_format}: {agree:.0%} of tokens agree with fp32")
 
 
+def op_types(graph: Path) -> set[str]:
+    return {op.get_type_name() for op in ov.Core().read_model(graph).get_ops()}
+
+
+def test_compressed_exports_quantize_the_image_encoder_unless_told_not_to(trained_checkpoint, trained_export, tmp_path, processor):
+    """int8 by default: the image encoder quantised statically (FakeQuantize on its activations), the
+    decoder's weights only; `model.quantize_image_encoder=false` leaves the encoder weight-compressed
+    like the decoder. The setting is part of the export's key, so changing it re-exports."""
+    static = ModelConfig(source=str(trained_checkpoint), dir=str(tmp_path / "static"), weight_format="int8")
+    weights = ModelConfig(**{**vars(static), "dir": str(tmp_path / "weights"), "quantize_image_encoder": False})
+    for cfg in (static, weights):
+        export.ensure_export(cfg)
+    assert "FakeQuantize" in op_types(tmp_path / "static" / "image_encoder.xml")
+    assert "FakeQuantize" not in op_types(tmp_path / "weights" / "image_encoder.xml")
+    assert "FakeQuantize" not in op_types(tmp_path / "static" / "text_decoder.xml")
+    assert "quantize_image_encoder" in export.stale_reason(ModelConfig(**{**vars(static), "quantize_image_encoder": False}), tmp_path / "static")
+    fp32 = ModelConfig(source=str(trained_checkpoint), dir=str(trained_export), weight_format="fp32")
+    assert export.stale_reason(ModelConfig(**{**vars(fp32), "quantize_image_encoder": False}), trained_export) is None
+
+    # Calibrated scales keep the embeddings close to fp32's.
+    cfg = EngineConfig(precision="f32")
+    pixels = np.stack([r.pixel_values for r in requests_by_name(processor, TRAINED_CAPTIONS)])
+    embeds = {name: KosmosModel(path, cfg).image_encoder(pixels)[0] for name, path in
+              (("fp32", trained_export), ("static", tmp_path / "static"), ("weights", tmp_path / "weights"))}
+    for name in ("static", "weights"):
+        cos = (embeds[name] * embeds["fp32"]).sum(-1) / np.linalg.norm(embeds[name], axis=-1) / np.linalg.norm(embeds["fp32"], axis=-1)
+        print(f"image encoder {name}: min cosine to fp32 {cos.min():.4f}")
+        assert cos.min() > 0.98, name
+
+
 def run_export_command(*overrides: str, env_extra: dict | None = None, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.run(

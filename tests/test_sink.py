@@ -86,7 +86,7 @@ def test_overwrite_leaves_one_result_set(tmp_path):
 
 
 def test_settings_guard_names_each_changed_setting(tmp_path):
-    from pipeline.config import AppConfig, EngineConfig
+    from pipeline.config import AppConfig, EngineConfig, ModelConfig
     from pipeline.model import precision
     from pipeline.run import result_settings
 
@@ -110,6 +110,11 @@ def test_settings_guard_names_each_changed_setting(tmp_path):
     ]:
         with pytest.raises(OutputError, match=change):
             prepare_folder(Folder(tmp_path), "resume", 0, 1, settings(**{"precision": "f32", "dynamic_quantization_group_size": 0, **engine}))
+    unquantized = AppConfig(model=ModelConfig(quantize_image_encoder=False), engine=EngineConfig(precision="f32", dynamic_quantization_group_size=0))
+    with pytest.raises(OutputError, match="model.quantize_image_encoder: True -> False"):
+        prepare_folder(Folder(tmp_path), "resume", 0, 1, result_settings(unquantized, export))
+    # It changes nothing in fp32/fp16 exports, so their results do not record it (older results still resume).
+    assert "model.quantize_image_encoder" not in result_settings(AppConfig(model=ModelConfig(weight_format="fp32")), export)
     # auto is recorded as what it means on this machine, so auto and that precision are one setting.
     (tmp_path / SETTINGS).unlink()
     prepare_folder(Folder(tmp_path), "resume", 0, 1, settings())
