@@ -1,0 +1,148 @@
+"""The image encoder alone, in each way it can be quantised and computed, on the full-size Kosmos-2.
+
+    python bench/image_encoder.py [--rounds 3] [--batch 16]
+
+Builds the encoder four ways from the full-size random checkpoint (cached beside it): fp32 weights,
+fp16 weights, int8 weights (NNCF weight compression, what `model.quantize_image_encoder=false` gives)
+and static int8 (NNCF quantisation calibrated as the export does it, the default since 2026-12-03).
+Each setting runs in its own process, rounds interleaved: seconds per image for a batch of photos, as
+a ratio to int8 weights with bf16 and dynamic quantisation (the default before), and how far each
+one's embeddings are from fp32 computed in f32 on photos that are not calibration photos (random
+weights: a check that nothing broke, not a measure of caption quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from harness import cpu, run_child  # noqa: E402
+
+# name: (graph, inference precision, dynamic quantisation group size)
+SETTINGS = {
+    "int8 weights, bf16, dynamic quantisation 256 (before)": ("int8-weights", "bf16", 256),
+    "int8 weights, f32, dynamic quantisation 256 (auto on AMX)": ("int8-weights", "f32", 256),
+    "static int8, bf16 (auto here)": ("int8-static", "bf16", 256),
+    "static int8, f32 (auto on AMX)": ("int8-static", "f32", 256),
+    "fp16 weights, bf16": ("fp16", "bf16", 256),
+    "fp32 weights, f32 (reference)": ("fp32", "f32", 0),
+}
+
+
+def photos(n: int):
+    """Test photos (mirrored and cropped copies of the examples), and the accuracy photos: the export's
+    own check photos, which calibration never sees, whole and mirrored."""
+    from PIL import Image, ImageOps
+
+    from export_full_size import CACHE
+    from throughput import make_images
+
+    folder = CACHE / f"images-{n}"
+    test = sorted(folder.iterdir()) if folder.exists() else make_images(folder, n)
+    checks = sorted((REPO / "pipeline" / "samples").glob("*.jpg"))
+    accuracy = [im for p in checks for im in (Image.open(p).convert("RGB"), ImageOps.mirror(Image.open(p).convert("RGB")))]
+    return [Image.open(p).convert("RGB") for p in test], accuracy
+
+
+def build(folder: Path) -> None:
+    """The four graphs, each written once: the export's own conversion and compression code."""
+    import openvino as ov
+    import torch
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+
+    import nncf
+    from export_full_size import full_size_checkpoint
+    from pipeline.export import _torch_modules, quantize_image_encoder
+
+    if all((folder / f"{g}.xml").exists() for g in ("fp32", "fp16", "int8-weights", "int8-static")):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = full_size_checkpoint()
+    model = Kosmos2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    size = model.config.vision_config.image_size
+    with torch.no_grad():
+        fp32 = ov.convert_model(_torch_modules(model)[0], example_input=torch.zeros(2, 3, size, size),
+                                input=[("pixel_values", ov.PartialShape([-1, 3, size, size]), ov.Type.f32)])
+    ov.save_model(fp32, folder / "fp32.xml", compress_to_fp16=False)
+    ov.save_model(fp32, folder / "fp16.xml", compress_to_fp16=True)
+    ov.save_model(nncf.compress_weights(fp32.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM), folder / "int8-weights.xml")
+    ov.save_model(quantize_image_encoder(fp32, processor), folder / "int8-static.xml")
+
+
+def child(args) -> dict:
+    import openvino as ov
+
+    from export_full_size import full_size_checkpoint
+    from pipeline.processor import Processor
+
+    processor = Processor(full_size_checkpoint())
+    test, accuracy = photos(args.images_n)
+    graph, precision, group = SETTINGS[args.setting]
+    compiled = ov.Core().compile_model(Path(args.folder) / f"{graph}.xml", "CPU", {
+        "PERFORMANCE_HINT": "THROUGHPUT", "PERFORMANCE_HINT_NUM_REQUESTS": 1, "INFERENCE_PRECISION_HINT": precision,
+        "DYNAMIC_QUANTIZATION_GROUP_SIZE": group})
+    request = compiled.create_infer_request()
+    pixels = np.stack([processor.pixel_values(im) for im in test])
+    request.infer([pixels[: args.batch]])  # the first call repacks the weights
+    seconds = []
+    for start in range(0, len(pixels), args.batch):
+        t = time.perf_counter()
+        request.infer([pixels[start : start + args.batch]])
+        seconds.append((time.perf_counter() - t) / len(pixels[start : start + args.batch]))
+    embeds = request.infer([np.stack([processor.pixel_values(im) for im in accuracy])])[0]
+    np.save(args.embeds, embeds)
+    return {"s_per_image": statistics.median(seconds)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--images-n", type=int, default=64)
+    p.add_argument("--child", default=None)
+    p.add_argument("--result", default=None)
+    p.add_argument("--setting", default=None)
+    p.add_argument("--folder", default=None)
+    p.add_argument("--embeds", default=None)
+    args = p.parse_args()
+    if args.child:
+        Path(args.result).write_text(json.dumps(child(args)))
+        return
+
+    from export_full_size import CACHE
+
+    folder = CACHE / "image-encoder"
+    build(folder)
+    here = str(Path(__file__).resolve())
+    seconds: dict[str, list[float]] = {s: [] for s in SETTINGS}
+    for round_ in range(args.rounds):
+        for k, setting in enumerate(SETTINGS):
+            row = run_child(here, "encoder", setting=setting, folder=folder, embeds=folder / f"embeds-{k}.npy",
+                            batch=args.batch, images_n=args.images_n)
+            seconds[setting].append(row["s_per_image"])
+            print(f"round {round_ + 1} {setting}: {row['s_per_image']:.3f} s/image", flush=True)
+    embeds = {s: np.load(folder / f"embeds-{k}.npy") for k, s in enumerate(SETTINGS)}
+    ref = embeds["fp32 weights, f32 (reference)"]
+    base = statistics.median(seconds[next(iter(SETTINGS))])
+    print(f"\n{cpu()}\nimage encoder, {args.images_n} photos in batches of {args.batch}, medians of {args.rounds} rounds")
+    print("| setting | s/image | runs | x before | min cosine to fp32 | max abs difference |\n| --- | --- | --- | --- | --- | --- |")
+    for setting, runs in seconds.items():
+        got = embeds[setting]
+        cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+        m = statistics.median(runs)
+        print(f"| {setting} | {m:.3f} | {' / '.join(f'{r:.3f}' for r in runs)} | {base / m:.2f} | {cos.min():.5f} | {np.abs(got - ref).max():.4f} |")
+
+
+if __name__ == "__main__":
+    main()
