@@ -2,6 +2,9 @@
 
     python bench/real_lengths.py                  # 32 images, 3 rounds (about 12 minutes on 2 cores)
     python bench/real_lengths.py --images-n 64 --rows 16 32 64 --before ../before   # row counts; an older checkout
+    python bench/real_lengths.py --images-n 64 --rows 0 --fixed 32 --tf-batches 8 32  # fixed lengths, transformers at 32
+    python bench/real_lengths.py --images-n 64 --rows 0 --encoder-weights-only       # and model.quantize_image_encoder=false
+    python bench/real_lengths.py --images-n 64 --rows 0 --admit 2 8 32               # when rows are admitted
 
 Random weights never stop on their own, so each image is given a caption length between 8 and 64
 tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
@@ -34,7 +37,9 @@ SHORTEST, LONGEST = 8, 64
 PROMPT = "<grounding>An image of"
 
 
-def length_of(pixel_values: np.ndarray) -> int:
+def length_of(pixel_values: np.ndarray, fixed: int = 0) -> int:
+    if fixed:
+        return fixed
     digest = hashlib.sha256(np.ascontiguousarray(pixel_values, dtype=np.float32).tobytes()).digest()
     return SHORTEST + int.from_bytes(digest[:4], "little") % (LONGEST - SHORTEST + 1)
 
@@ -51,13 +56,16 @@ def child_project(args) -> dict:
         logits, eos = logits.copy(), self.model.eos_token_id
         for j, row in enumerate(rows):
             if not hasattr(row, "wanted"):
-                row.wanted = length_of(row.request.pixel_values)
+                row.wanted = length_of(row.request.pixel_values, args.fixed)
             logits[j, eos] = 1e4 if row.wanted == len(row.generation.token_ids) else -np.inf
         return choose(self, decoder, feed, rows, logits)
 
     engine.Engine._choose = forced
+    if args.admit_divisor:
+        engine.admit_at = lambda batch_size: max(1, batch_size // args.admit_divisor)
     cfg = AppConfig(
-        model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format="int8"),
+        model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format="int8",
+                          quantize_image_encoder=bool(args.quantize_image_encoder)),
         engine=EngineConfig(batch_size=args.batch_size, max_new_tokens=LONGEST + 1),
         input=InputConfig(path=args.images),
         output=OutputConfig(dir=args.out, mode="overwrite"),
@@ -92,7 +100,7 @@ def child_transformers(args) -> dict:
         for i in range(0, len(paths), args.batch_size):
             images = [Image.open(p).convert("RGB") for p in paths[i : i + args.batch_size]]
             enc = processor(text=[PROMPT] * len(images), images=images, return_tensors="pt", padding=True)
-            lengths = [length_of(p.numpy()) for p in enc["pixel_values"]]
+            lengths = [length_of(p.numpy(), args.fixed) for p in enc["pixel_values"]]
             out = model.generate(
                 pixel_values=enc["pixel_values"].to(torch.bfloat16), input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"], image_embeds_position_mask=enc["image_embeds_position_mask"],
@@ -118,6 +126,14 @@ def main() -> None:
     p.add_argument("--model-dir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--quantize-image-encoder", type=int, default=1)
+    p.add_argument("--fixed", type=int, default=0, help=f"every caption this many tokens (1 to {LONGEST}) instead of varying lengths")
+    p.add_argument("--tf-batches", type=int, nargs="*", default=[8], help="transformers batch sizes measured")
+    p.add_argument("--admit", type=int, nargs="*", default=[],
+                   help="also run the defaults admitting new rows when batch/D rows are free, for each D (the engine's: 4)")
+    p.add_argument("--admit-divisor", type=int, default=0)
+    p.add_argument("--encoder-weights-only", action="store_true",
+                   help="also run the defaults with model.quantize_image_encoder=false (its own export)")
     args = p.parse_args()
     if args.child:
         row = child_transformers(args) if args.child.startswith("tf") else child_project(args)
@@ -132,33 +148,42 @@ def main() -> None:
 
     checkpoint = str(full_size_checkpoint())
     model_dir = str(ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8"), weight_format="int8")))
+    weights_only = ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8-encoder-weights"), weight_format="int8",
+                               quantize_image_encoder=False)
     images = CACHE / f"images-{args.images_n}"
     if not images.exists():
         make_images(images, args.images_n)
     here = str(Path(__file__).resolve())
-    systems = {"tf-bf16-b8": (here, 8)}
-    systems.update({f"project, {n} rows" if n else "project (defaults)": (here, n) for n in args.rows})
+    assert 0 <= args.fixed <= LONGEST, f"--fixed {args.fixed}: 1 to {LONGEST}"
+    systems = {f"tf-bf16-b{n}": (here, {"batch_size": n}) for n in args.tf_batches}
+    systems.update({f"project, {n} rows" if n else "project (defaults)": (here, {"batch_size": n}) for n in args.rows})
+    if args.encoder_weights_only:
+        folder = str(ensure_export(weights_only))
+        systems["project (defaults), image encoder weights only"] = (here, {"model_dir": folder, "quantize_image_encoder": 0})
+    systems.update({f"project (defaults), admitting when 1/{d} of the rows are free": (here, {"admit_divisor": d}) for d in args.admit})
     if args.before:
-        systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), 0)
+        systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), {})
     work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
     seconds: dict[str, list[float]] = {s: [] for s in systems}
     tokens = {}
     for round_ in range(args.rounds):
-        for k, (system, (script, batch)) in enumerate(systems.items()):
+        for k, (system, (script, options)) in enumerate(systems.items()):
+            options = {"model_dir": model_dir, "batch_size": 0, "fixed": args.fixed, **options}
             row = run_child(script, "tf" if system.startswith("tf") else "project", checkpoint=checkpoint, images=images,
-                        model_dir=model_dir, out=work / f"{k}-{round_}", batch_size=batch)
+                            out=work / f"{k}-{round_}", **options)
             seconds[system].append(row["seconds"] / row["images"])
             tokens[system] = row["tokens"]
             print(f"round {round_ + 1} {system}: {seconds[system][-1]:.3f} s/image, {row['tokens']} tokens", flush=True)
     assert len(set(tokens.values())) == 1, f"the systems generated different numbers of tokens: {tokens}"
-    print(f"\n{cpu()}\n{args.images_n} images, captions of {SHORTEST} to {LONGEST} tokens "
-          f"({tokens['tf-bf16-b8'] / args.images_n:.1f} on average), medians of {args.rounds} rounds, seconds per image once loaded")
-    base = statistics.median(seconds["tf-bf16-b8"])
-    print("| system | s/image | runs | x transformers bf16 b8 |\n| --- | --- | --- | --- |")
+    lengths = f"every caption {args.fixed} tokens" if args.fixed else f"captions of {SHORTEST} to {LONGEST} tokens"
+    tf = [s for s in systems if s.startswith("tf-")]
+    print(f"\n{cpu()}\n{args.images_n} images, {lengths} ({tokens[tf[0]] / args.images_n:.1f} on average), "
+          f"medians of {args.rounds} rounds, seconds per image once loaded")
+    base = {s: statistics.median(seconds[s]) for s in (tf[0], min(tf, key=lambda s: statistics.median(seconds[s])))}
+    print(f"| system | s/image | runs | {' | '.join(f'x transformers {s[3:]}' for s in base)} |\n|" + " --- |" * (3 + len(base)))
     for system, runs in seconds.items():
         m = statistics.median(runs)
-        print(f"| {system} | {m:.3f} | {' / '.join(f'{r:.2f}' for r in runs)} | {base / m:.2f} |")
-
+        print(f"| {system} | {m:.3f} | {' / '.join(f'{r:.2f}' for r in runs)} | {' | '.join(f'{b / m:.2f}' for b in base.values())} |")
 
 if __name__ == "__main__":
     main()
