@@ -366,7 +366,7 @@ def quantize_image_encoder(ov_model, processor):
     """Static int8: the encoder's matrix products take int8 activations at scales fixed by calibration
     (NNCF, SmoothQuant first, as for transformers), so none are computed per call. 1.42x weight-only
     int8 with dynamic quantisation on 2 AMD cores (bench/image_encoder.py). int8 products sum exactly,
-    so an image's embeddings stay the same whatever its batch (tests/test_engine.py)."""
+    so an image's embeddings do not depend on its batch (its tokens: tests/test_engine.py)."""
     import nncf
 
     pixels = processor.image_processor(calibration_views(), return_tensors="np")["pixel_values"]
