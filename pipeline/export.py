@@ -42,14 +42,16 @@ CALIBRATION = Path(__file__).resolve().parent / "samples" / "calibration"
 
 
 def default_export_dir(cfg: ModelConfig) -> Path:
-    """Per-user cache folder keyed by source, revision and weight format."""
+    """Per-user cache folder keyed by source, revision, weight format and how the image encoder is quantised."""
     root = Path(os.environ.get("KOSMOS_ANNOTATE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos-annotate")
     source = cfg.source
     if Path(source).is_dir():
         source = str(Path(source).resolve())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.strip("/"))[-80:]
     key = hashlib.sha256(f"{source}@{cfg.revision}".encode()).hexdigest()[:8]
-    return root / f"{slug}-{key}-{cfg.weight_format}"
+    # An image encoder with int8 weights only gets a folder of its own: switching does not replace the default export.
+    encoder = "-encoder-weights" if cfg.weight_format in ("int8", "int4") and not cfg.quantize_image_encoder else ""
+    return root / f"{slug}-{key}-{cfg.weight_format}{encoder}"
 
 
 def export_dir(cfg: ModelConfig) -> Path:

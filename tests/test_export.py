@@ -144,6 +144,10 @@ def test_default_dir_is_a_per_user_cache_keyed_by_source_and_format(monkeypatch,
     c = export.export_dir(ModelConfig(source="someone/kosmos-2-finetuned", weight_format="int8"))
     assert a.parent == tmp_path and len({a, b, c}) == 3
     assert a.name.startswith("microsoft--kosmos-2-patch14-224-") and a.name.endswith("-int8")
+    d = export.export_dir(ModelConfig(source="microsoft/kosmos-2-patch14-224", weight_format="int8", quantize_image_encoder=False))
+    assert d.parent == tmp_path and d.name == a.name + "-encoder-weights"
+    fp32 = ModelConfig(source="microsoft/kosmos-2-patch14-224", weight_format="fp32")
+    assert export.export_dir(fp32) == export.export_dir(ModelConfig(**{**vars(fp32), "quantize_image_encoder": False}))
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
