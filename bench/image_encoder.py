@@ -45,17 +45,20 @@ def photos(n: int):
     from PIL import Image, ImageOps
 
     from export_full_size import CACHE
+    from pipeline.verify import sample_images
     from throughput import make_images
 
     folder = CACHE / f"images-{n}"
     test = sorted(folder.iterdir()) if folder.exists() else make_images(folder, n)
-    checks = sorted((REPO / "pipeline" / "samples").glob("*.jpg"))
-    accuracy = [im for p in checks for im in (Image.open(p).convert("RGB"), ImageOps.mirror(Image.open(p).convert("RGB")))]
+    checks = [Image.open(p).convert("RGB") for p in sample_images()]
+    accuracy = [view for image in checks for view in (image, ImageOps.mirror(image))]
     return [Image.open(p).convert("RGB") for p in test], accuracy
 
 
 def build(folder: Path) -> None:
     """The four graphs, each written once: the export's own conversion and compression code."""
+    if all((folder / f"{g}.xml").exists() for g in ("fp32", "fp16", "int8-weights", "int8-static")):
+        return
     import openvino as ov
     import torch
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
@@ -64,8 +67,6 @@ def build(folder: Path) -> None:
     from export_full_size import full_size_checkpoint
     from pipeline.export import _torch_modules, quantize_image_encoder
 
-    if all((folder / f"{g}.xml").exists() for g in ("fp32", "fp16", "int8-weights", "int8-static")):
-        return
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = full_size_checkpoint()
     model = Kosmos2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()

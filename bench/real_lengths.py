@@ -185,5 +185,6 @@ def main() -> None:
         m = statistics.median(runs)
         print(f"| {system} | {m:.3f} | {' / '.join(f'{r:.2f}' for r in runs)} | {' | '.join(f'{b / m:.2f}' for b in base.values())} |")
 
+
 if __name__ == "__main__":
     main()

@@ -45,6 +45,11 @@ class ModelConfig:
     # ...and warn (kosmos-export verify=true: exit 4) below this fraction of identical captions.
     min_identical: float = 0.6
 
+    @property
+    def compressed(self) -> bool:
+        """int8/int4: NNCF compresses the weights, and `quantize_image_encoder` applies."""
+        return self.weight_format in ("int8", "int4")
+
     def validate(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
             raise ConfigError(

@@ -50,7 +50,7 @@ def default_export_dir(cfg: ModelConfig) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.strip("/"))[-80:]
     key = hashlib.sha256(f"{source}@{cfg.revision}".encode()).hexdigest()[:8]
     # An image encoder with int8 weights only gets a folder of its own: switching does not replace the default export.
-    encoder = "-encoder-weights" if cfg.weight_format in ("int8", "int4") and not cfg.quantize_image_encoder else ""
+    encoder = "-encoder-weights" if cfg.compressed and not cfg.quantize_image_encoder else ""
     return root / f"{slug}-{key}-{cfg.weight_format}{encoder}"
 
 
@@ -77,7 +77,7 @@ def _source_fingerprint(cfg: ModelConfig) -> dict:
 
 def _wanted(cfg: ModelConfig) -> dict:
     key = {"format_version": FORMAT_VERSION, "weight_format": cfg.weight_format}
-    if cfg.weight_format in ("int8", "int4"):
+    if cfg.compressed:
         key["quantize_image_encoder"] = cfg.quantize_image_encoder
     return {**key, **_source_fingerprint(cfg)}
 
@@ -329,7 +329,7 @@ def compress(models: dict, cfg: ModelConfig, processor) -> dict:
     """NNCF compression. int8: every graph's weights; int4: the decoder's in int4, the rest int8 (as
     optimum does for embeddings and heads), since the vision tower is small and sensitive. With
     `model.quantize_image_encoder` the image encoder is quantised statically instead (see below)."""
-    if cfg.weight_format in ("fp32", "fp16"):
+    if not cfg.compressed:
         return models
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode

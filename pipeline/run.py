@@ -87,7 +87,7 @@ def result_settings(cfg: AppConfig, model_dir: Path) -> dict:
     from pipeline.sink import SCHEMA_VERSION
 
     # Recorded only where it applies, so that fp32/fp16 results made before it existed still resume.
-    encoder = {"model.quantize_image_encoder": cfg.model.quantize_image_encoder} if cfg.model.weight_format in ("int8", "int4") else {}
+    encoder = {"model.quantize_image_encoder": cfg.model.quantize_image_encoder} if cfg.model.compressed else {}
     return {
         **encoder,
         "output.schema_version": SCHEMA_VERSION,
