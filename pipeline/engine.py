@@ -174,6 +174,20 @@ class Decoder:
         self.blocks = Blocks(self.text_decoder, model.text_decoder)
         self.blocks.resize(rows * self.blocks.needed(96 + max_new_tokens))  # a caption's prompt is 71 tokens
 
+    def warm_up(self) -> None:
+        """Run each graph once, on one token and a blank image, releasing the mapped weights after
+        each: OpenVINO copies a graph's weights into its kernels' layout at its first call, and from
+        then on the files' pages are only a second copy in memory. The decoder goes first, so its
+        two copies are never in memory beside the image encoder's copy."""
+        self.blocks.reserve(1)
+        blocks = self.blocks.take(1)
+        self._call([self.embed(np.array([self.model.pad_token_id]))], [0], [blocks])
+        self.blocks.give(blocks)
+        self.model.release_mapped_files()
+        width, height = self.model.processor.size
+        self.image_encoder.infer({0: np.zeros([1, 3, height, width], np.float32)})
+        self.model.release_mapped_files()
+
     def reserve(self, requests: list[Request]) -> bool:
         """Reserve the blocks that one image's requests can come to fill: the image's shared blocks
         and each row's own. An empty pool too small for them grows first."""
@@ -380,6 +394,7 @@ class Engine:
         self.num_requests = model.num_requests
         self.times = StageTimes()
         self.decoders = [Decoder(model, cfg.max_new_tokens, self.batch_size, self.times) for _ in range(self.num_requests)]
+        self.decoders[0].warm_up()  # the decoders share the compiled graphs: once is enough
         log.info("Engine: %d rows per decoder step, %d decoders", self.batch_size, self.num_requests)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Generation]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -360,7 +362,84 @@ def test_compiled_cache_keeps_settings_apart_in_one_process(trained_int8, proces
     resolved = [(precision(EngineConfig(**s), trained_int8), EngineConfig(**s).dynamic_quantization_group_size) for s in SETTINGS_IN_TURN]
     assert [folders.index(f) for f in folders] == [resolved.index(r) for r in resolved]
     assert sorted(p.name for p in shared.iterdir()) == sorted(set(folders))
-    assert all(len(list((shared / f).glob("*.blob"))) == 3 for f in set(folders))
+    # the image encoder's and the token embedder's: the paged decoder never imports (KosmosModel)
+    assert all(len(list((shared / f).glob("*.blob"))) == 2 for f in set(folders))
+
+
+def test_cached_graphs_load_from_the_cache_and_the_paged_decoder_is_not_cached(trained_int8, tmp_path):
+    """A second load imports the image encoder and the token embedder. The paged decoder is compiled
+    anew each time: OpenVINO does not import it from a blob, so caching it only wrote a blob as large
+    as its weights at every load. If an OpenVINO release imports it, this says so (cache it again)."""
+    import openvino as ov
+
+    from pipeline.model import paged_decoder
+
+    cfg = EngineConfig(cache_dir=str(tmp_path / "cache"))
+    KosmosModel(trained_int8, cfg)
+    again = KosmosModel(trained_int8, cfg)
+    assert again.image_encoder.get_property("LOADED_FROM_CACHE") and again.token_embedder.get_property("LOADED_FROM_CACHE")
+    props = {"CACHE_DIR": str(tmp_path / "paged")}
+    for _ in range(2):
+        core = ov.Core()
+        compiled = core.compile_model(paged_decoder(core, trained_int8 / "text_decoder.xml"), "CPU", props)
+    assert not compiled.get_property("LOADED_FROM_CACHE"), "OpenVINO now imports the paged decoder: cache it again"
+
+
+def resident_bytes(folder) -> int:
+    """This process's resident bytes of files mapped from `folder` (/proc/self/smaps)."""
+    prefix, total, inside = str(Path(folder).resolve()) + "/", 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) == 6 and fields[5].startswith(prefix)
+            elif fields[0] == "Rss:" and inside:
+                total += int(fields[1]) * 1024
+    return total
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+
+
+@linux_only
+def test_released_files_leave_memory_and_keep_their_content(tmp_path):
+    import mmap
+
+    from pipeline.model import release_mapped_files
+
+    data = np.random.default_rng(0).bytes(8 << 20)
+    for name in ("weights", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_bytes(data)
+    maps = []
+    for name in ("weights", "other"):
+        with open(tmp_path / name / "w.bin", "rb") as f:
+            maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        assert maps[-1][:] == data  # every page read: resident
+    assert resident_bytes(tmp_path / "weights") >= len(data)
+
+    assert release_mapped_files(tmp_path / "weights") >= len(data)
+    assert resident_bytes(tmp_path / "weights") == 0
+    assert resident_bytes(tmp_path / "other") >= len(data)  # another folder's mapping is left alone
+    assert maps[0][:] == data  # read back from the page cache
+
+
+@linux_only
+def test_an_engine_holds_no_mapped_weights_once_warmed_up(trained_int8, processor, tmp_path):
+    """OpenVINO copies each graph's weights into its kernels' layout at its first call; the engine runs
+    each once and releases the mapped files, so a run does not hold the weights twice. Its tokens
+    stay those of the export it was copied from."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(trained_int8, export, ignore=shutil.ignore_patterns("_cache"))
+    cfg = EngineConfig()
+    model = KosmosModel(export, cfg)
+    assert resident_bytes(export) > 0  # the compile read the weights through their mapping
+    engine = Engine(model, cfg)
+    assert resident_bytes(export) == 0
+    reqs = requests_by_name(processor, TRAINED_CAPTIONS)
+    assert [o.token_ids for o in engine.generate(reqs)] == tokens_of(trained_int8, reqs)
 
 
 def test_compiled_cache_keeps_settings_apart_across_processes(trained_int8, processor):
