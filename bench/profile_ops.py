@@ -1,14 +1,15 @@
-"""Where a step's time goes, per operation: OpenVINO's performance counters for the image encoder, a
-prefill and a decode step of the full-size Kosmos-2 (random weights, bench/export_full_size.py).
+"""Where a step's time goes, per operation: OpenVINO's performance counters for the image encoder and
+for the paged text decoder as the engine calls it (the image prefixes, the rest of the prompts, a
+decode step) on the full-size Kosmos-2 (random weights, bench/export_full_size.py).
 
-    python bench/profile_ops.py                      # int8 export, the engine's defaults, 16 rows
-    python bench/profile_ops.py --precision f32 --rows 32
+    python bench/profile_ops.py                      # int8 export, the engine's defaults: 32 rows, 8 images
+    python bench/profile_ops.py --precision f32 --rows 64
 
 Each graph is compiled with PERF_COUNT on, with the compile settings the engine uses. A request's
 counters are the mean over the calls made on it (calls of one shape give their wall time; after a
 change of shape they move like a running mean, though not exactly: a prefill followed by steps did
 not average out), so each measurement takes a fresh request and calls of one kind only (the decode
-steps run from an empty cache), and recovers their totals as mean x calls less a first warm-up
+steps run on 74 to 105 positions), and recovers their totals as mean x calls less a first warm-up
 call's. "counted / wall" checks that against the wall clock; the milliseconds are shares of the wall
 time. Per graph: the time by operation type and the kernel OpenVINO
 chose (`exec_type`: `brgemm_avx512_amx` = AMX, `brgemm_avx512` / `jit_avx512` = AVX-512, with the
@@ -64,15 +65,17 @@ def main() -> None:
     import openvino as ov
     from export_full_size import CACHE, full_size_checkpoint
 
+    import pipeline.model as pm
     from pipeline.config import EngineConfig, ModelConfig
+    from pipeline.engine import Decoder, default_batch_size
     from pipeline.export import ensure_export
-    from pipeline.model import compile_properties, precision
 
     p = argparse.ArgumentParser()
     p.add_argument("--weight-format", default="int8")
     p.add_argument("--precision", default="auto")
     p.add_argument("--dq", type=int, default=EngineConfig.dynamic_quantization_group_size)
-    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--rows", type=int, default=default_batch_size(), help="rows of the prefill and the decode steps")
+    p.add_argument("--images", type=int, default=8, help="images per image-encoder call (the engine admits a quarter of its rows at a time)")
     p.add_argument("--calls", type=int, default=4, help="measured calls per graph, after one warm-up call")
     p.add_argument("--top", type=int, default=8)
     args = p.parse_args()
@@ -80,46 +83,52 @@ def main() -> None:
     checkpoint = str(full_size_checkpoint())
     export = ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / f"export-{args.weight_format}"), weight_format=args.weight_format))
     cfg = EngineConfig(precision=args.precision, dynamic_quantization_group_size=args.dq, num_requests=1)
-    resolved = precision(cfg, export)
-    core = ov.Core()
-    compiled = {
-        name: core.compile_model(export / f"{name}.xml", "CPU", {**compile_properties(cfg, resolved, decoder=name == "text_decoder"), "PERF_COUNT": True})
-        for name in ("image_encoder", "token_embedder", "text_decoder")
-    }
+    compile_properties = pm.compile_properties  # the engine's settings, with the counters on
+    pm.compile_properties = lambda *a, **k: {**compile_properties(*a, **k), "PERF_COUNT": True}
+    model = pm.KosmosModel(export, cfg)
     rows, rng = args.rows, np.random.default_rng(0)
-    width = compiled["token_embedder"].output(0).get_partial_shape()[-1].get_length()
-    prompt = 73  # <s><image>, 64 image positions, </image>, `<grounding>An image of`
+    width = model.token_embedder.output(0).get_partial_shape()[-1].get_length()
+    prefix, prompt = 64, 73  # <s><image>, 64 image positions, </image>, `<grounding>An image of`; the first 64 in whole blocks
 
-    pixels = rng.standard_normal((rows, 3, 224, 224), dtype=np.float32)
+    pixels = rng.standard_normal((args.images, 3, 224, 224), dtype=np.float32)
     encode = lambda r, *_: r.infer({0: pixels})  # noqa: E731
-    totals, wall = measure(compiled["image_encoder"].create_infer_request(), encode, encode, args.calls)
-    report(f"image encoder, {rows} images", totals, wall, args.calls, args.top)
+    totals, wall = measure(model.image_encoder.create_infer_request(), encode, encode, args.calls)
+    report(f"image encoder, {args.images} images", totals, wall, args.calls, args.top)
 
-    def decoder_inputs(length: int, cached: int) -> dict:
-        return {
-            "inputs_embeds": rng.standard_normal((rows, length, width), dtype=np.float32) * 0.02,
-            "attention_mask": np.ones((rows, cached + length), np.int64),
-            "position_ids": np.broadcast_to(np.arange(cached, cached + length) + 2, (rows, length)).copy(),
-            "beam_idx": np.arange(rows, dtype=np.int32),
-        }
+    # The decoder as the engine calls it (engine.Decoder._call): each row's tokens laid end to end,
+    # its KV cache in blocks. A fresh Decoder (a fresh request) for each measurement.
+    def chunks(length: int) -> list[np.ndarray]:
+        return [rng.standard_normal((length, width), dtype=np.float32) * 0.02 for _ in range(rows)]
 
-    def prefill(r, *_):
-        r.reset_state()
-        r.infer(decoder_inputs(prompt, 0))
+    def decoder() -> tuple[Decoder, list[list[int]]]:
+        d = Decoder(model, 32, rows)
+        blocks = d.blocks.needed(prompt + 32)
+        d.blocks.reserve(rows * blocks)
+        return d, [d.blocks.take(blocks) for _ in range(rows)]
 
-    totals, wall = measure(compiled["text_decoder"].create_infer_request(), prefill, prefill, args.calls)
-    report(f"prefill, {rows} rows x {prompt} positions", totals, wall, args.calls, args.top)
+    d, tables = decoder()
+    images = chunks(prefix)
+    call = lambda r, *_: d._call(images, [0] * rows, tables)  # noqa: E731
+    totals, wall = measure(d.text_decoder, call, call, args.calls)
+    report(f"prefill, image prefixes of {rows} images x {prefix} positions", totals, wall, args.calls, args.top)
+
+    d, tables = decoder()  # on blocks holding no prefix: the same work, calls of one kind on the request
+    rest = chunks(prompt - prefix)
+    call = lambda r, *_: d._call(rest, [prefix] * rows, tables)  # noqa: E731
+    totals, wall = measure(d.text_decoder, call, call, args.calls)
+    report(f"prefill, the rest of {rows} prompts x {prompt - prefix} positions", totals, wall, args.calls, args.top)
 
     # Only steps on this request (a prefill's counters would not average out: see the docstring),
-    # from an empty cache to a caption's length past the prompt.
-    steps = [decoder_inputs(1, k) for k in range(prompt + 32)]
-    first = lambda r: (r.reset_state(), r.infer(steps[0]))  # noqa: E731
-    totals, wall = measure(compiled["text_decoder"].create_infer_request(), first, lambda r, k: r.infer(steps[k + 1]), len(steps) - 1)
-    report(f"decode step, {rows} rows, a cache of 1 to {prompt + 32} positions", totals, wall, len(steps) - 1, args.top)
+    # from a cache holding the prompt to a caption of 32 tokens.
+    d, tables = decoder()
+    steps = [chunks(1) for _ in range(33)]
+    step = lambda r, k: d._call(steps[k], [prompt + k] * rows, tables)  # noqa: E731
+    totals, wall = measure(d.text_decoder, lambda r: step(r, 0), lambda r, k: step(r, k + 1), len(steps) - 1)
+    report(f"decode step, {rows} rows, a cache of {prompt + 1} to {prompt + 32} positions", totals, wall, len(steps) - 1, args.top)
 
     ids = np.ones((rows, 1), np.int64)
     embed = lambda r, *_: r.infer({"input_ids": ids})  # noqa: E731
-    totals, wall = measure(compiled["token_embedder"].create_infer_request(), embed, embed, 20)
+    totals, wall = measure(model.token_embedder.create_infer_request(), embed, embed, 20)
     report(f"token embedder, {rows} ids (once per decode step)", totals, wall, 20, 3)
 
     logits = rng.standard_normal((rows, 65037), dtype=np.float32)
@@ -129,7 +138,7 @@ def main() -> None:
         best = logits[np.arange(rows), tokens]
         -np.log(np.exp(logits - best[:, None]).sum(-1))
     print(f"\ngreedy choice and its log-probability in numpy: {(time.perf_counter() - started) / 20 * 1000:.1f} ms a step")
-    print(f"\n{cpu()}; OpenVINO {ov.get_version()}; {args.weight_format} weights, precision {args.precision} -> {resolved}, "
+    print(f"\n{cpu()}; OpenVINO {ov.get_version()}; {args.weight_format} weights, precision {args.precision} -> {model.precision}, "
           f"dynamic quantisation group {args.dq}")
 
 

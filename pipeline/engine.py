@@ -1,7 +1,7 @@
 """Greedy generation with continuous batching on OpenVINO's paged attention.
 
-Decoding a large decoder on CPU is bound by reading its weights once per step, so many sequences
-share each step. Captions stop at different steps: a row that stops leaves the decoder at once and a
+A decoder step reads all of its weights once whatever its rows, so many sequences share each
+step. Captions stop at different steps: a row that stops leaves the decoder at once and a
 new image's rows take its place, so the decoder keeps `batch_size` rows busy and no image waits for a
 neighbour's long caption. The KV cache is a pool of fixed-size blocks (model.paged_decoder): a row
 holds the blocks its tokens fill, prompts need no padding, and rows join or leave between any two
@@ -57,10 +57,11 @@ FIRST_ROWS = 4
 
 
 def default_batch_size() -> int:
-    """32 rows share each decoder step. A step reads every weight once for all its rows, so more rows
-    cost little more; with rows replaced as they stop, 32 ran captions of real lengths 1.03x faster
-    than 16, and 64 rows 1.03x faster than 32 for twice the KV cache (bench/real_lengths.py, 2 cores);
-    the issue's 16-core AMX machine ran one stream fastest at 64 rows, and 32 within 8 % of it."""
+    """32 rows share each decoder step. A step reads every weight once for all its rows, so a row
+    costs less the more rows share it (8.2 ms a row at 16, 6.3 at 32, 5.7 at 64 on 2 cores:
+    bench/profile_ops.py); with rows replaced as they stop, 32 ran captions of real lengths 1.03x
+    faster than 16, and 64 rows 1.03x faster than 32 for twice the KV cache (bench/real_lengths.py,
+    2 cores); the issue's 16-core AMX machine ran one stream fastest at 64 rows, and 32 within 8 %."""
     return 32
 
 
