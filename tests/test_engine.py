@@ -101,6 +101,23 @@ def test_token_parity_with_transformers(random_export, random_refs, processor, b
         assert as_hf(out, eng.model.eos_token_id) == ref, f"image {out.tag}"
 
 
+def test_an_admission_goes_through_the_graphs_a_few_images_at_a_time(random_export, random_refs, processor, monkeypatch):
+    """The images admitted together are encoded and prefilled IMAGES_PER_CALL at a time (a call's
+    intermediate memory grows with its images); each image still says what transformers says alone."""
+    import pipeline.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IMAGES_PER_CALL", 3)
+    sizes = []
+    parts = engine_module._parts
+    monkeypatch.setattr(engine_module, "_parts", lambda items: sizes.append(len(items)) or parts(items))
+    pairs, refs = random_refs
+    eng = engine(random_export, batch_size=8, max_new_tokens=24)
+    outs = list(eng.generate(requests_for(processor, pairs)))
+    assert max(sizes) > 3  # some admission was split
+    for out, ref in zip(outs, refs):
+        assert as_hf(out, eng.model.eos_token_id) == ref, f"image {out.tag}"
+
+
 def test_result_never_depends_on_neighbours(random_export, random_refs, processor):
     """Each image among different neighbours and prompts, on two decoders of 4 rows, gives its own result."""
     pairs, refs = random_refs
