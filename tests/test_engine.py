@@ -384,9 +384,12 @@ def test_compiled_cache_keeps_settings_apart_in_one_process(trained_int8, proces
 
 
 def test_cached_graphs_load_from_the_cache_and_the_paged_decoder_is_not_cached(trained_int8, tmp_path):
-    """A second load imports the image encoder and the token embedder. The paged decoder is compiled
-    anew each time: OpenVINO does not import it from a blob, so caching it only wrote a blob as large
-    as its weights at every load. If an OpenVINO release imports it, this says so (cache it again)."""
+    """A second load imports the image encoder and the token embedder, and the cache holds only their
+    blobs. The paged decoder is compiled anew each time: OpenVINO does not import it from a blob, so
+    caching it only wrote a blob as large as its weights at every load. Should an OpenVINO release
+    import it, a warning says so (cache it again); an upstream fix must not fail the suite."""
+    import warnings
+
     import openvino as ov
 
     from pipeline.model import paged_decoder
@@ -395,11 +398,13 @@ def test_cached_graphs_load_from_the_cache_and_the_paged_decoder_is_not_cached(t
     KosmosModel(trained_int8, cfg)
     again = KosmosModel(trained_int8, cfg)
     assert again.image_encoder.get_property("LOADED_FROM_CACHE") and again.token_embedder.get_property("LOADED_FROM_CACHE")
+    assert len(list((tmp_path / "cache").glob("*/*.blob"))) == 2
     props = {"CACHE_DIR": str(tmp_path / "paged")}
     for _ in range(2):
         core = ov.Core()
         compiled = core.compile_model(paged_decoder(core, trained_int8 / "text_decoder.xml"), "CPU", props)
-    assert not compiled.get_property("LOADED_FROM_CACHE"), "OpenVINO now imports the paged decoder: cache it again"
+    if compiled.get_property("LOADED_FROM_CACHE"):
+        warnings.warn(f"OpenVINO {ov.get_version()} imports the paged decoder from its cache: cache it again (pipeline/model.py)")
 
 
 def resident_bytes(folder) -> int:
