@@ -53,15 +53,15 @@ class Generation:
     stopped_by_eos: bool = False
 
 
-FIRST_ROWS = 4
+FIRST_ROWS = 1
 IMAGES_PER_CALL = 8
 
 
 def _parts(items: list) -> list[list]:
     """`items` in runs of at most IMAGES_PER_CALL images: a call's intermediate tensors grow with its
-    images and OpenVINO keeps them at their largest, so admitting 28 images at once (when the first
-    rows are out) held ~0.45 GB more for the rest of the run than calls of 8; per image the calls
-    cost the same (bench/profile_ops.py)."""
+    images and OpenVINO keeps them at their largest, so one call of 28 images (an admission that
+    fills the batch) held ~0.45 GB more for the rest of the run than calls of 8; per image the
+    calls cost the same (bench/profile_ops.py)."""
     return [items[i : i + IMAGES_PER_CALL] for i in range(0, len(items), IMAGES_PER_CALL)]
 
 
@@ -428,7 +428,9 @@ class Engine:
     def _work(self, decoder: Decoder, feed: _Feed) -> None:
         """One decoder's loop: admit new images' rows when enough rows are free, else step every row.
         Until the run's first result is given back it runs only FIRST_ROWS rows, so the first rows
-        are written in seconds rather than after a whole batch's prefill and its longest caption."""
+        are written in seconds rather than after a whole batch's prefill and its longest caption: one
+        row wrote the first in 6.8 s against 8.9 s for four, at the same images/s over 16 photos
+        (bench/results/first_rows-20261203.txt)."""
         rows: list[Row] = []
         error = None
         decoder.blocks.resize(decoder.blocks.count)  # a fresh pool: nothing left from an earlier run
