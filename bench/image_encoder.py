@@ -85,14 +85,15 @@ def child(args) -> dict:
     import openvino as ov
 
     from export_full_size import full_size_checkpoint
+    from pipeline.config import EngineConfig
+    from pipeline.model import compile_properties
     from pipeline.processor import Processor
 
     processor = Processor(full_size_checkpoint())
     test, accuracy = photos(args.images_n)
     graph, precision, group = SETTINGS[args.setting]
-    compiled = ov.Core().compile_model(Path(args.folder) / f"{graph}.xml", "CPU", {
-        "PERFORMANCE_HINT": "THROUGHPUT", "PERFORMANCE_HINT_NUM_REQUESTS": 1, "INFERENCE_PRECISION_HINT": precision,
-        "DYNAMIC_QUANTIZATION_GROUP_SIZE": group})
+    cfg = EngineConfig(num_requests=1, dynamic_quantization_group_size=group)  # the engine's settings otherwise
+    compiled = ov.Core().compile_model(Path(args.folder) / f"{graph}.xml", "CPU", compile_properties(cfg, precision))
     request = compiled.create_infer_request()
     pixels = np.stack([processor.pixel_values(im) for im in test])
     request.infer([pixels[: args.batch]])  # the first call repacks the weights

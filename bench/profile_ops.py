@@ -67,7 +67,7 @@ def main() -> None:
 
     import pipeline.model as pm
     from pipeline.config import EngineConfig, ModelConfig
-    from pipeline.engine import Decoder, default_batch_size
+    from pipeline.engine import IMAGES_PER_CALL, Decoder, default_batch_size
     from pipeline.export import ensure_export
 
     p = argparse.ArgumentParser()
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--dq", type=int, default=EngineConfig.dynamic_quantization_group_size)
     p.add_argument("--rows", type=int, default=default_batch_size(), help="rows of the prefill and the decode steps")
-    p.add_argument("--images", type=int, default=8, help="images per image-encoder call (the engine admits a quarter of its rows at a time)")
+    p.add_argument("--images", type=int, default=IMAGES_PER_CALL, help="images per image-encoder call (the engine's most)")
     p.add_argument("--calls", type=int, default=4, help="measured calls per graph, after one warm-up call")
     p.add_argument("--top", type=int, default=8)
     args = p.parse_args()
