@@ -78,10 +78,12 @@ def main() -> None:
     p.add_argument("--images", type=int, default=IMAGES_PER_CALL, help="images per image-encoder call (the engine's most)")
     p.add_argument("--calls", type=int, default=4, help="measured calls per graph, after one warm-up call")
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--export", default=None, help="an export folder to profile as it is (e.g. bench/static_decoder.py's)")
     args = p.parse_args()
 
     checkpoint = str(full_size_checkpoint())
-    export = ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / f"export-{args.weight_format}"), weight_format=args.weight_format))
+    export = Path(args.export) if args.export else ensure_export(
+        ModelConfig(source=checkpoint, dir=str(CACHE / f"export-{args.weight_format}"), weight_format=args.weight_format))
     cfg = EngineConfig(precision=args.precision, dynamic_quantization_group_size=args.dq, num_requests=1)
     compile_properties = pm.compile_properties  # the engine's settings, with the counters on
     pm.compile_properties = lambda *a, **k: {**compile_properties(*a, **k), "PERF_COUNT": True}
