@@ -5,6 +5,7 @@
     python bench/real_lengths.py --images-n 64 --rows 0 --fixed 32 --tf-batches 8 32  # fixed lengths, transformers at 32
     python bench/real_lengths.py --images-n 64 --rows 0 --encoder-weights-only       # and model.quantize_image_encoder=false
     python bench/real_lengths.py --images-n 64 --rows 0 --admit 2 8 32               # when rows are admitted
+    python bench/real_lengths.py --images-n 64 --rows 0 --static-decoder             # and bench/static_decoder.py's export
 
 Random weights never stop on their own, so each image is given a caption length between 8 and 64
 tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
@@ -132,6 +133,8 @@ def main() -> None:
     p.add_argument("--admit", type=int, nargs="*", default=[],
                    help="also run the defaults admitting new rows when batch/D rows are free, for each D (the engine's: 4)")
     p.add_argument("--admit-divisor", type=int, default=0)
+    p.add_argument("--static-decoder", action="store_true",
+                   help="also run the defaults on bench/static_decoder.py's export (a statically quantised decoder)")
     p.add_argument("--encoder-weights-only", action="store_true",
                    help="also run the defaults with model.quantize_image_encoder=false (its own export)")
     args = p.parse_args()
@@ -160,6 +163,10 @@ def main() -> None:
     if args.encoder_weights_only:
         folder = str(ensure_export(weights_only))
         systems["project (defaults), image encoder weights only"] = (here, {"model_dir": folder, "quantize_image_encoder": 0})
+    if args.static_decoder:
+        folder = CACHE / "export-int8-static-decoder"
+        assert folder.is_dir(), f"{folder}: run python bench/static_decoder.py first"
+        systems["project (defaults), static int8 decoder"] = (here, {"model_dir": str(folder)})
     systems.update({f"project (defaults), admitting when 1/{d} of the rows are free": (here, {"admit_divisor": d}) for d in args.admit})
     if args.before:
         systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), {})

@@ -2,6 +2,7 @@
 
     python bench/static_decoder.py            # builds CACHE/export-int8-static-decoder (~15 min on 2 cores)
     python bench/profile_ops.py --export ~/.cache/kosmos-annotate/bench/export-int8-static-decoder
+    python bench/real_lengths.py --images-n 64 --rows 0 --fixed 32 --tf-batches 32 --static-decoder
 
 The engine's decoder has int8 weights and int8 activations quantised at every call (dynamic
 quantisation); on AMX its products run in AVX-512 kernels, while the statically quantised image
@@ -15,6 +16,7 @@ to real captions: that is what the export's check against transformers is for.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -44,6 +46,15 @@ def calibration_prompts(export: Path) -> list[np.ndarray]:
         chunk[prompt.image_mask] = encoder.get_output_tensor(0).data[0]
         embeds.append(chunk)
     return embeds
+
+
+def record_files(folder: Path) -> None:
+    """The copy's manifest lists its own files' sizes, so ensure_export takes the folder as it is
+    (bench/real_lengths.py --static-decoder) instead of exporting over it."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    manifest["text_decoder"] = "static int8, bench/static_decoder.py"
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def main() -> None:
@@ -82,6 +93,7 @@ def main() -> None:
         shutil.rmtree(out)
     shutil.copytree(int8, out, ignore=shutil.ignore_patterns("text_decoder.*", "_cache"))
     ov.save_model(decoder, out / "text_decoder.xml", compress_to_fp16=False)
+    record_files(out)
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s: text_decoder.bin "
           f"{(out / 'text_decoder.bin').stat().st_size / 2**30:.2f} GB", flush=True)
 
