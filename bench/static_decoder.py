@@ -1,6 +1,6 @@
 """Would a statically quantised text decoder pay? A probe of speed, not of captions.
 
-    python bench/static_decoder.py            # builds CACHE/export-int8-static-decoder (~15 min on 2 cores)
+    python bench/static_decoder.py            # builds CACHE/export-int8-static-decoder (3.5 minutes on 2 cores)
     python bench/profile_ops.py --export ~/.cache/kosmos-annotate/bench/export-int8-static-decoder
     python bench/real_lengths.py --images-n 64 --rows 0 --fixed 32 --tf-batches 32 --static-decoder
 
@@ -9,7 +9,7 @@ quantisation); on AMX its products run in AVX-512 kernels, while the statically 
 encoder runs AMX int8 ones. This builds the full-size decoder (random weights) in fp32 without its
 KV state, quantises it with NNCF as the export quantises the image encoder (SmoothQuant, scales
 fixed by calibration), calibrated on the prompts of the export's calibration photos (image
-embeddings from the int8 export's encoder, 73 positions each), makes it stateful again and writes a
+embeddings from the int8 export's encoder, 71 positions each), makes it stateful again and writes a
 copy of the int8 export with this decoder in it. Random weights say nothing of what static scales do
 to real captions: that is what the export's check against transformers is for.
 """
@@ -30,20 +30,19 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def calibration_prompts(export: Path) -> list[np.ndarray]:
-    """inputs_embeds [73, D] of `<grounding>An image of` on each calibration view, as the engine builds them."""
+    """inputs_embeds [71, D] of `<grounding>An image of` on each calibration view, as the engine builds them."""
     from pipeline.config import EngineConfig
     from pipeline.export import calibration_views
     from pipeline.model import KosmosModel
 
     model = KosmosModel(export, EngineConfig())
     prompt = model.encode_prompt("<grounding>An image of")
-    encoder, embedder = model.image_encoder.create_infer_request(), model.token_embedder.create_infer_request()
+    tokens = model.token_embedder.create_infer_request().infer({"input_ids": prompt.input_ids[None].astype(np.int64)})[0][0]
+    encoder = model.image_encoder.create_infer_request()
     embeds = []
     for view in calibration_views():
-        encoder.infer({0: model.processor.pixel_values(view)[None]})
-        embedder.infer({"input_ids": prompt.input_ids[None].astype(np.int64)})
-        chunk = embedder.get_output_tensor(0).data[0].copy()
-        chunk[prompt.image_mask] = encoder.get_output_tensor(0).data[0]
+        chunk = tokens.copy()
+        chunk[prompt.image_mask] = encoder.infer({0: model.processor.pixel_values(view)[None]})[0][0]
         embeds.append(chunk)
     return embeds
 

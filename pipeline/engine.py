@@ -223,9 +223,10 @@ class Decoder:
         """Rows for `work` (index, request), whose blocks the caller has reserved, and their first logits."""
         shared = self._shared(work[0][1].prompt)
         groups = [0] + [k for k in range(1, len(work)) if work[k][1].pixel_values is not work[k - 1][1].pixel_values]
+        parts = _parts(groups)
         started = time.perf_counter()
         embeds = []
-        for part in _parts(groups):
+        for part in parts:
             self.image_encoder.infer({0: np.stack([work[k][1].pixel_values for k in part]).astype(np.float32, copy=False)})
             embeds += list(self.image_encoder.get_output_tensor(0).data.copy())
         self.times.add("vision", started)
@@ -247,7 +248,7 @@ class Decoder:
             chunk[prompt.image_mask] = image_embeds
             rows.append(row)
             chunks.append(chunk)
-        for part in _parts(groups) if shared else []:  # the images' shared blocks, once each
+        for part in parts if shared else []:  # the images' shared blocks, once each
             self._call([chunks[k][:shared] for k in part], [0] * len(part), [images[k][0].blocks for k in part])
         for row in rows:
             row.length = shared

@@ -332,8 +332,9 @@ def test_a_row_decoding_alone_gets_the_logits_it_gets_among_others(model, reques
 
     def step(rows: int) -> np.ndarray:
         decoder.blocks.resize(decoder.blocks.count)
-        decoder.blocks.reserve(rows)
-        tables = [decoder.blocks.take(1) for _ in range(rows)]
+        blocks = decoder.blocks.needed(10)  # the prompt and the step's token
+        decoder.blocks.reserve(rows * blocks)
+        tables = [decoder.blocks.take(blocks) for _ in range(rows)]
         decoder._call(prompts[:rows], [0] * rows, tables)
         return decoder._call(tokens[:rows], [9] * rows, tables).copy()
 
