@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.config import ConfigError, EngineConfig, ModelConfig
@@ -42,16 +42,18 @@ CALIBRATION = Path(__file__).resolve().parent / "samples" / "calibration"
 
 
 def default_export_dir(cfg: ModelConfig) -> Path:
-    """Per-user cache folder keyed by source, revision, weight format and how the image encoder is quantised."""
+    """Per-user cache folder keyed by source, revision, weight format and how the graphs are quantised."""
     root = Path(os.environ.get("KOSMOS_ANNOTATE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos-annotate")
     source = cfg.source
     if Path(source).is_dir():
         source = str(Path(source).resolve())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.strip("/"))[-80:]
     key = hashlib.sha256(f"{source}@{cfg.revision}".encode()).hexdigest()[:8]
-    # An image encoder with int8 weights only gets a folder of its own: switching does not replace the default export.
+    # An image encoder with int8 weights only, or a static int8 decoder, gets a folder of its own:
+    # switching does not replace the other export (auto differs between CPUs sharing a cache).
     encoder = "-encoder-weights" if cfg.compressed and not cfg.quantize_image_encoder else ""
-    return root / f"{slug}-{key}-{cfg.weight_format}{encoder}"
+    decoder = "-static-decoder" if cfg.static_text_decoder else ""
+    return root / f"{slug}-{key}-{cfg.weight_format}{encoder}{decoder}"
 
 
 def export_dir(cfg: ModelConfig) -> Path:
@@ -79,6 +81,8 @@ def _wanted(cfg: ModelConfig) -> dict:
     key = {"format_version": FORMAT_VERSION, "weight_format": cfg.weight_format}
     if cfg.compressed:
         key["quantize_image_encoder"] = cfg.quantize_image_encoder
+    if cfg.static_text_decoder:  # only then, so that exports made before it existed still match
+        key["quantize_text_decoder"] = True
     return {**key, **_source_fingerprint(cfg)}
 
 
@@ -94,9 +98,10 @@ def stale_reason(cfg: ModelConfig, path: Path) -> str | None:
     manifest = read_manifest(path)
     if manifest is None:
         return "no export" if not path.exists() else "no complete manifest (a half-written export?)"
-    for key, value in _wanted(cfg).items():
-        if manifest.get("key", {}).get(key) != value:
-            return f"{key} changed ({manifest.get('key', {}).get(key)!r} -> {value!r})"
+    wanted, have = _wanted(cfg), manifest.get("key", {})
+    for key in [*wanted, *(k for k in have if k not in wanted)]:
+        if have.get(key) != wanted.get(key):
+            return f"{key} changed ({have.get(key)!r} -> {wanted.get(key)!r})"
     for name, size in manifest.get("files", {}).items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
@@ -126,7 +131,7 @@ def ensure_export(cfg: ModelConfig, engine: EngineConfig | None = None) -> Path:
             log.info("Using the export in %s", path)
             return path
         log.info(
-            "No usable export in %s (%s): exporting %s as %s first; the real model takes about a minute",
+            "No usable export in %s (%s): exporting %s as %s first (minutes: the full-size model took 3 to 6 on 2 cores)",
             path, reason, cfg.source, cfg.weight_format,
         )
         _export(cfg, path, engine or EngineConfig())
@@ -234,7 +239,8 @@ def _torch_modules(model):
 
 
 def convert(model) -> dict:
-    """Trace the three wrappers into OpenVINO models (fp32)."""
+    """Trace the three wrappers into OpenVINO models (fp32). The decoder takes its KV cache as
+    inputs, as quantisation calibrates it; `make_stateful` moves the cache into its state."""
     import openvino as ov
     import torch
 
@@ -283,11 +289,10 @@ def convert(model) -> dict:
     for i in range(layers):
         ov_decoder.outputs[1 + 2 * i].get_tensor().set_names({f"present.{i}.key"})
         ov_decoder.outputs[2 + 2 * i].get_tensor().set_names({f"present.{i}.value"})
-    make_stateful(ov_decoder, layers)
     return {"image_encoder": ov_image, "token_embedder": ov_embed, "text_decoder": ov_decoder}
 
 
-def make_stateful(ov_model, layers: int) -> None:
+def make_stateful(ov_model) -> None:
     """Move the KV cache into the infer request's state, reordered by a new `beam_idx` input.
 
     Each cache input first passes through Gather(beam_idx) on the batch axis, so the runtime can drop
@@ -299,6 +304,7 @@ def make_stateful(ov_model, layers: int) -> None:
     from openvino import opset13 as ops
     from openvino._offline_transformations import apply_make_stateful_transformation
 
+    layers = sum(port.get_any_name().endswith(".key") for port in ov_model.inputs)
     beam_idx = ops.parameter(ov.PartialShape([-1]), ov.Type.i32, name="beam_idx")
     beam_idx.output(0).get_tensor().set_names({"beam_idx"})
     ov_model.add_parameters([beam_idx])
@@ -325,10 +331,11 @@ def make_stateful(ov_model, layers: int) -> None:
     ov_model.validate_nodes_and_infer_types()
 
 
-def compress(models: dict, cfg: ModelConfig, processor) -> dict:
+def compress(models: dict, cfg: ModelConfig, model, processor) -> dict:
     """NNCF compression. int8: every graph's weights; int4: the decoder's in int4, the rest int8 (as
     optimum does for embeddings and heads), since the vision tower is small and sensitive. With
-    `model.quantize_image_encoder` the image encoder is quantised statically instead (see below)."""
+    `model.quantize_image_encoder` the image encoder is quantised statically instead, and with
+    `model.quantize_text_decoder` resolved true the text decoder too (see below)."""
     if not cfg.compressed:
         return models
     import nncf
@@ -340,6 +347,8 @@ def compress(models: dict, cfg: ModelConfig, processor) -> dict:
     for name, ov_model in models.items():
         if name == "image_encoder" and cfg.quantize_image_encoder:
             out[name] = quantize_image_encoder(ov_model, processor)
+        elif name == "text_decoder" and cfg.static_text_decoder:
+            out[name] = quantize_text_decoder(ov_model, decoder_calibration(model, processor))
         elif cfg.weight_format == "int4" and name == "text_decoder":
             out[name] = nncf.compress_weights(
                 ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0, advanced_parameters=adjust
@@ -376,6 +385,62 @@ def quantize_image_encoder(ov_model, processor):
     return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(pixels))
 
 
+def quantize_text_decoder(ov_model, samples: list[dict]):
+    """Static int8 for the text decoder (NNCF, SmoothQuant first): on AMX CPUs its matrix products then
+    run AMX int8 kernels instead of AVX-512 ones on int8 activations quantised at every call (prefill
+    2.3x, decode steps 1.34x; bench/profile_ops.py).
+
+    The lm_head keeps int8 weights only, its input unquantised: with static scales there too, the
+    full-size model (random weights) chose another first token on 2 of the 3 sample photos; without,
+    3 of 3 were transformers' own, for a decode step 4 % slower (bench/static_decoder_variants.py)."""
+    import nncf
+
+    head = nncf.IgnoredScope(names=[logits_matmul(ov_model)])
+    quantized = nncf.quantize(ov_model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(samples), ignored_scope=head)
+    return nncf.compress_weights(quantized, mode=nncf.CompressWeightsMode.INT8_ASYM)  # the lm_head's, the only ones left
+
+
+def decoder_calibration(model, processor) -> list[dict]:
+    """The text decoder's inputs for each calibration view: its prompt followed by transformers' greedy
+    caption of it, in one pass each, as the engine feeds them. The scales must cover the caption's
+    tokens (words, phrase and box tokens), not only the image and the prompt."""
+    import numpy as np
+    import torch
+
+    from pipeline.verify import MAX_NEW_TOKENS, PROMPT
+
+    views = calibration_views()
+    inputs = processor(text=[PROMPT] * len(views), images=views, return_tensors="pt")
+    text, eos = model.config.text_config, processor.tokenizer.eos_token_id
+    empty = np.zeros((1, text.attention_heads, 0, text.embed_dim // text.attention_heads), np.float32)
+    past = {f"past.{i}.{part}": empty for i in range(text.layers) for part in ("key", "value")}
+    samples = []
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        images = model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
+        for ids, image, mask in zip(generated.tolist(), images, inputs["image_embeds_position_mask"].bool()):
+            prompt, caption = ids[: len(mask)], ids[len(mask) :]
+            ids = prompt + (caption[: caption.index(eos)] if eos in caption else caption)  # what the decoder is fed
+            embeds = model.get_input_embeddings()(torch.tensor(ids))
+            embeds[: len(mask)][mask] = image
+            samples.append({
+                "inputs_embeds": embeds[None].numpy(),
+                "attention_mask": np.ones((1, len(ids)), np.int64),
+                "position_ids": np.arange(len(ids))[None] + processor.tokenizer.pad_token_id + 1,  # as the engine counts
+                **past,
+            })
+    return samples
+
+
+def logits_matmul(ov_model) -> str:
+    """The name of the lm_head's MatMul: the first one up from the `logits` output."""
+    node = ov_model.output("logits").get_node()
+    while node.get_type_name() != "MatMul":
+        node = node.input_value(0).get_node()
+    return node.get_friendly_name()
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -392,40 +457,71 @@ def _versions() -> dict:
 
 
 def _export(cfg: ModelConfig, path: Path, engine: EngineConfig) -> None:
-    import openvino as ov
-
     started = time.perf_counter()
     model, processor = load_checkpoint(cfg)
     if model.config.latent_query_num != 64:
         raise ConfigError(f"model.source={cfg.source!r} has latent_query_num={model.config.latent_query_num}; Kosmos-2 uses 64")
-    models = compress(convert(model), cfg, processor)
+    models = compress(convert(model), cfg, model, processor)
+    make_stateful(models["text_decoder"])
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _refuse_foreign_folder(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        for name, ov_model in models.items():
-            ov.save_model(ov_model, tmp / f"{name}.xml", compress_to_fp16=cfg.weight_format == "fp16")
+        _save(models, tmp, cfg)
         processor.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "key": _wanted(cfg),
+            "static_text_decoder": cfg.static_text_decoder,
             "resolved_commit": getattr(model.config, "_commit_hash", None),
             "versions": _versions(),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "export_seconds": round(time.perf_counter() - started, 1),
-            "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # the check loads the export as a run does
+        _write_manifest(tmp, manifest, started)  # the check loads the export as a run does
         if cfg.verify_after_export:
-            manifest["verification"] = _verify(tmp, model, processor, cfg, engine)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            record = _verify(tmp, model, processor, cfg, engine)
+            if cfg.static_text_decoder and record.get("identical") != len(record.get("images", [])):
+                record = _weights_only_decoder(tmp, manifest, record, model, processor, cfg, engine, started)
+            manifest["verification"] = record
+            _write_manifest(tmp, manifest, started)
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("Exported to %s in %.1f s", path, time.perf_counter() - started)
+
+
+def _save(models: dict, folder: Path, cfg: ModelConfig) -> None:
+    import openvino as ov
+
+    for name, ov_model in models.items():
+        ov.save_model(ov_model, folder / f"{name}.xml", compress_to_fp16=cfg.weight_format == "fp16")
+
+
+def _write_manifest(folder: Path, manifest: dict, started: float) -> None:
+    manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+    manifest["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _weights_only_decoder(folder: Path, manifest: dict, record: dict, model, processor, cfg: ModelConfig, engine: EngineConfig, started: float) -> dict:
+    """A static int8 decoder is kept only if every sample caption is transformers' own: where it is
+    not, the decoder is exported again with int8 weights only (as `model.quantize_text_decoder=false`)
+    and checked again; the manifest keeps what the static one scored."""
+    log.warning(
+        "The text decoder quantised statically (model.quantize_text_decoder) gave %s of %s sample captions identical "
+        "to transformers: exporting it with int8 weights only instead", record.get("identical"), len(record.get("images", [])),
+    )
+    weights = replace(cfg, quantize_text_decoder="false")
+    decoder = compress({"text_decoder": convert(model)["text_decoder"]}, weights, model, processor)["text_decoder"]
+    make_stateful(decoder)
+    _save({"text_decoder": decoder}, folder, cfg)
+    shutil.rmtree(folder / "_cache", ignore_errors=True)  # compiled from the static decoder
+    manifest["static_text_decoder"] = False
+    manifest["static_text_decoder_rejected"] = record.get("summary") or record.get("error")
+    _write_manifest(folder, manifest, started)
+    return _verify(folder, model, processor, weights, engine)
 
 
 def _verify(path: Path, model, processor, cfg: ModelConfig, engine: EngineConfig) -> dict:

@@ -76,6 +76,11 @@ def layer_widths(export: Path) -> set[int]:
     return {text["embed_dim"], text["ffn_dim"], vision["hidden_size"], vision["intermediate_size"]}
 
 
+def static_text_decoder(export: Path) -> bool:
+    """Whether the export's text decoder was quantised statically (and kept after its check)."""
+    return bool(json.loads((Path(export) / "manifest.json").read_text()).get("static_text_decoder"))
+
+
 def precision(cfg: EngineConfig, export: Path) -> str:
     """What `engine.precision` means for this export on this machine.
 
@@ -87,6 +92,8 @@ def precision(cfg: EngineConfig, export: Path) -> str:
       cover run kernels that decompress the weights to bf16 and are chosen by the number of rows, so
       tokens changed with the batch; on AMX the plugin takes those kernels under bf16 anyway, and
       they also changed tokens from run to run with two requests in flight (issue 9);
+    - a static int8 text decoder (model.quantize_text_decoder): f32, as it was measured on AMX (its
+      matrix products run int8 kernels either way);
     - int4 weights: f32.
     """
     if cfg.precision != "auto":
@@ -96,6 +103,8 @@ def precision(cfg: EngineConfig, export: Path) -> str:
     weight_format = json.loads((Path(export) / "manifest.json").read_text())["key"]["weight_format"]
     if weight_format in ("fp32", "fp16"):
         return "bf16"
+    if static_text_decoder(export):
+        return "f32"
     group = cfg.dynamic_quantization_group_size
     covered = group > 0 and all(width % group == 0 for width in layer_widths(export))
     return "bf16" if weight_format == "int8" and covered and not cpu_has("amx_bf16") else "f32"

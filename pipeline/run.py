@@ -83,11 +83,13 @@ def result_settings(cfg: AppConfig, model_dir: Path) -> dict:
     """The settings that change what a row says: one output folder holds results of one setting.
     The precision is recorded as resolved (`auto` -> bf16 or f32 on this machine), so a resume on a
     machine where `auto` means something else is refused instead of mixing results."""
-    from pipeline.model import precision
+    from pipeline.model import precision, static_text_decoder
     from pipeline.sink import SCHEMA_VERSION
 
     # Recorded only where it applies, so that fp32/fp16 results made before it existed still resume.
     encoder = {"model.quantize_image_encoder": cfg.model.quantize_image_encoder} if cfg.model.compressed else {}
+    if static_text_decoder(model_dir):  # what the export holds: a static decoder that failed its check is not one
+        encoder["model.quantize_text_decoder"] = True
     return {
         **encoder,
         "output.schema_version": SCHEMA_VERSION,

@@ -283,27 +283,46 @@ def distinct_prompt_requests(processor, n: int) -> list[Request]:
 
 @pytest.fixture(scope="module")
 def trained_int8(trained_checkpoint, export_of, tmp_path_factory):
-    """The trained model in the default weight format."""
-    return export_of(trained_checkpoint, tmp_path_factory.mktemp("trained_int8") / "int8", "int8")
+    """The trained model in the default weight format, its text decoder's weights only (the default
+    on CPUs without AMX)."""
+    return export_of(trained_checkpoint, tmp_path_factory.mktemp("trained_int8") / "int8", "int8", "false")
 
 
 @pytest.fixture(scope="module")
-def wide_int8(processor, export_of, tmp_path_factory):
-    """A random model whose layer widths are multiples of 256, as the real model's are, in int8: the
-    default dynamic quantisation covers all of its layers, so `auto` computes it in bf16 where the CPU can."""
+def trained_static(trained_checkpoint, export_of, tmp_path_factory):
+    """...and with its text decoder quantised statically (the default on AMX CPUs)."""
+    return export_of(trained_checkpoint, tmp_path_factory.mktemp("trained_static") / "int8", "int8", "true")
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(processor, tmp_path_factory):
+    """A random model whose layer widths are multiples of 256, as the real model's are: the default
+    dynamic quantisation covers all of its layers, so `auto` computes its int8 weights in bf16 where the CPU can."""
     from tests.tiny import make_random_model, save_checkpoint
 
     folder = tmp_path_factory.mktemp("wide")
-    checkpoint = save_checkpoint(make_random_model(len(processor.tokenizer), width=256, vision_width=256), processor, folder / "ckpt")
-    return export_of(checkpoint, folder / "int8", "int8")
+    return save_checkpoint(make_random_model(len(processor.tokenizer), width=256, vision_width=256), processor, folder / "ckpt")
 
 
-@pytest.mark.parametrize("model", ["trained_int8", "wide_int8"])
+@pytest.fixture(scope="module")
+def wide_int8(wide_checkpoint, export_of):
+    return export_of(wide_checkpoint, wide_checkpoint.parent / "int8", "int8", "false")
+
+
+@pytest.fixture(scope="module")
+def wide_static(wide_checkpoint, export_of):
+    return export_of(wide_checkpoint, wide_checkpoint.parent / "static", "int8", "true")
+
+
+DEFAULT_MODELS = ["trained_int8", "trained_static", "wide_int8", "wide_static"]
+
+
+@pytest.mark.parametrize("model", DEFAULT_MODELS)
 def test_defaults_give_tokens_independent_of_batch_and_requests(model, request, processor):
-    """The shipped defaults (int8 weights, precision=auto, the default dynamic quantisation): an image's
-    tokens do not depend on its batch, its neighbours or the requests in flight, whatever `auto`
-    resolves to for the model (f32 for the trained model's narrow layers, bf16 for the wide one on
-    CPUs with bf16 but no AMX). Before, auto was bf16 everywhere: on AMD 8 of 600 rows of the trained
+    """The shipped defaults (int8 weights, the text decoder quantised statically or not, precision=auto,
+    the default dynamic quantisation): an image's tokens do not depend on its batch, its neighbours or
+    the requests in flight, whatever `auto` resolves to for the model (f32 for the trained model's
+    narrow layers and for static decoders, bf16 for the wide one on CPUs with bf16 but no AMX). Before, auto was bf16 everywhere: on AMD 8 of 600 rows of the trained
     model changed at batch 2, on AMX most rows under two requests."""
     export = request.getfixturevalue(model)
     reqs = distinct_prompt_requests(processor, 120)
@@ -317,7 +336,7 @@ def test_defaults_give_tokens_independent_of_batch_and_requests(model, request, 
         assert not differing, f"{precision(EngineConfig(), export)}, {key[0]} requests x batch {key[1]}: rows {differing[:10]} differ"
 
 
-@pytest.mark.parametrize("model", ["trained_int8", "wide_int8"])
+@pytest.mark.parametrize("model", DEFAULT_MODELS)
 def test_a_row_decoding_alone_gets_the_logits_it_gets_among_others(model, request):
     """A decode step of one row is one token, and OpenVINO computes a call of a single token apart
     from calls of several (an Intel Xeon with AMX, full-size int8, the defaults: the row's logits off
@@ -343,7 +362,7 @@ def test_a_row_decoding_alone_gets_the_logits_it_gets_among_others(model, reques
     np.testing.assert_array_equal(alone[0], among[0])
 
 
-def test_auto_precision_follows_the_weights_and_the_cpu(trained_int8, wide_int8, trained_export):
+def test_auto_precision_follows_the_weights_and_the_cpu(trained_int8, wide_int8, wide_static, trained_export):
     bf16 = "BF16" in __import__("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     amx = "amx_bf16" in open("/proc/cpuinfo").read().split()
     auto = EngineConfig()
@@ -353,14 +372,16 @@ def test_auto_precision_follows_the_weights_and_the_cpu(trained_int8, wide_int8,
     assert precision(EngineConfig(dynamic_quantization_group_size=32), trained_int8) == ("bf16" if bf16 and not amx else "f32")
     assert precision(auto, trained_export) == ("bf16" if bf16 else "f32")  # fp32 weights
     assert precision(EngineConfig(precision="f32"), wide_int8) == "f32"
+    assert precision(auto, wide_static) == "f32"  # a static int8 decoder: f32, as measured
 
 
-def test_defaults_keep_the_trained_captions_and_entities(trained_int8, trained_checkpoint, processor):
+@pytest.mark.parametrize("model", ["trained_int8", "trained_static"])
+def test_defaults_keep_the_trained_captions_and_entities(model, request, trained_checkpoint, processor):
     """int8 weights with the default engine settings say what transformers (fp32) says: all images but
-    at most one exactly, captions and boxes."""
-    model = hf_model(trained_checkpoint)
+    at most one exactly, captions and boxes; so does a static int8 text decoder."""
+    model, export = hf_model(trained_checkpoint), request.getfixturevalue(model)
     cfg = EngineConfig()
-    eng = Engine(KosmosModel(trained_int8, cfg), cfg)
+    eng = Engine(KosmosModel(export, cfg), cfg)
     reqs = requests_by_name(processor, TRAINED_CAPTIONS)
     same = 0
     for out in eng.generate(reqs):
