@@ -46,6 +46,5 @@ check profile-2-cores taskset -c 0,1 python3 bench/profile_ops.py --calls 2
 check profile-2-cores-bf16 taskset -c 0,1 python3 bench/profile_ops.py --calls 2 --precision bf16
 check real-lengths python3 bench/real_lengths.py --images-n "$images" --rounds 1 --rows 0
 check profile python3 bench/profile_ops.py --calls 2 --rows 64
-# a statically quantised decoder (bench/static_decoder.py): its kernels and step times on every core
-check static-decoder python3 bench/static_decoder.py
-check static-decoder-profile python3 bench/profile_ops.py --calls 2 --rows 64 --export "$KOSMOS_ANNOTATE_CACHE/bench/export-int8-static-decoder"
+# the text decoder with int8 weights only (model.quantize_text_decoder=false, the default without AMX) on every core
+check decoder-weights-only python3 bench/real_lengths.py --images-n "$images" --rounds 1 --rows 0 --fixed 32 --tf-batches 32 --decoder-weights-only

@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=IMAGES_PER_CALL, help="images per image-encoder call (the engine's most)")
     p.add_argument("--calls", type=int, default=4, help="measured calls per graph, after one warm-up call")
     p.add_argument("--top", type=int, default=8)
-    p.add_argument("--export", default=None, help="an export folder to profile as it is (e.g. bench/static_decoder.py's)")
+    p.add_argument("--export", default=None, help="an export folder to profile as it is (e.g. real_lengths.py --decoder-weights-only's)")
     args = p.parse_args()
 
     checkpoint = str(full_size_checkpoint())

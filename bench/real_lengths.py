@@ -5,7 +5,7 @@
     python bench/real_lengths.py --images-n 64 --rows 0 --fixed 32 --tf-batches 8 32  # fixed lengths, transformers at 32
     python bench/real_lengths.py --images-n 64 --rows 0 --encoder-weights-only       # and model.quantize_image_encoder=false
     python bench/real_lengths.py --images-n 64 --rows 0 --admit 2 8 32               # when rows are admitted
-    python bench/real_lengths.py --images-n 64 --rows 0 --static-decoder             # and bench/static_decoder.py's export
+    python bench/real_lengths.py --images-n 64 --rows 0 --decoder-weights-only       # and model.quantize_text_decoder=false
 
 Random weights never stop on their own, so each image is given a caption length between 8 and 64
 tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
@@ -66,7 +66,8 @@ def child_project(args) -> dict:
         engine.admit_at = lambda batch_size: max(1, batch_size // args.admit_divisor)
     cfg = AppConfig(
         model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format="int8",
-                          quantize_image_encoder=bool(args.quantize_image_encoder)),
+                          quantize_image_encoder=bool(args.quantize_image_encoder),
+                          quantize_text_decoder=args.quantize_text_decoder),
         engine=EngineConfig(batch_size=args.batch_size, max_new_tokens=LONGEST + 1),
         input=InputConfig(path=args.images),
         output=OutputConfig(dir=args.out, mode="overwrite"),
@@ -133,8 +134,9 @@ def main() -> None:
     p.add_argument("--admit", type=int, nargs="*", default=[],
                    help="also run the defaults admitting new rows when batch/D rows are free, for each D (the engine's: 4)")
     p.add_argument("--admit-divisor", type=int, default=0)
-    p.add_argument("--static-decoder", action="store_true",
-                   help="also run the defaults on bench/static_decoder.py's export (a statically quantised decoder)")
+    p.add_argument("--quantize-text-decoder", default="auto")
+    p.add_argument("--decoder-weights-only", action="store_true",
+                   help="also run the defaults with model.quantize_text_decoder=false (its own export)")
     p.add_argument("--encoder-weights-only", action="store_true",
                    help="also run the defaults with model.quantize_image_encoder=false (its own export)")
     args = p.parse_args()
@@ -163,10 +165,10 @@ def main() -> None:
     if args.encoder_weights_only:
         folder = str(ensure_export(weights_only))
         systems["project (defaults), image encoder weights only"] = (here, {"model_dir": folder, "quantize_image_encoder": 0})
-    if args.static_decoder:
-        folder = CACHE / "export-int8-static-decoder"
-        assert folder.is_dir(), f"{folder}: run python bench/static_decoder.py first"
-        systems["project (defaults), static int8 decoder"] = (here, {"model_dir": str(folder)})
+    if args.decoder_weights_only:
+        folder = ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8-decoder-weights"), weight_format="int8",
+                                           quantize_text_decoder="false"))
+        systems["project (defaults), text decoder weights only"] = (here, {"model_dir": str(folder), "quantize_text_decoder": "false"})
     systems.update({f"project (defaults), admitting when 1/{d} of the rows are free": (here, {"admit_divisor": d}) for d in args.admit})
     if args.before:
         systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), {})
