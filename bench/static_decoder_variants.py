@@ -1,6 +1,6 @@
 """Which static int8 text decoder passes the export's check? (model.quantize_text_decoder)
 
-    python bench/static_decoder_variants.py     # about 12 minutes on 2 cores
+    python bench/static_decoder_variants.py     # about 10 minutes on 2 cores
     python bench/profile_ops.py --export ~/.cache/kosmos-annotate/bench/static-decoder-0   # its kernels (1, 2: the others), ms a step
 
 Quantises the full-size decoder (random weights) statically three ways, each from the same
@@ -10,7 +10,7 @@ check (pipeline/verify.py: three sample photos captioned by transformers fp32 an
 - what the export does: SmoothQuant, then static scales everywhere but the lm_head, whose weights
   are then compressed to int8 (its input quantised per call, as in a weights-only decoder);
 - static scales on the lm_head's input too;
-- no SmoothQuant (its alpha -1).
+- no SmoothQuant (its alpha for matrix products -1; NNCF's default is 0.95).
 
 Random weights give near-equal logits, so this is a hard test of the first token; it says nothing of
 real captions' quality, which is what the check does on the user's own checkpoint.
@@ -57,7 +57,8 @@ def main() -> None:
     variants = {
         "the export's (lm_head int8 weights only)": lambda: pe.quantize_text_decoder(fp32.clone(), samples),
         "static lm_head too": lambda: static(head=True),
-        "no SmoothQuant": lambda: static(nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1)),
+        "no SmoothQuant": lambda: static(nncf.AdvancedQuantizationParameters(
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))),
     }
     lines = []
     for k, (name, make) in enumerate(variants.items()):

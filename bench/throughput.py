@@ -103,7 +103,8 @@ def child_project(args) -> dict:
             **original(c, precision, decoder), **({"KV_CACHE_PRECISION": args.kv_cache} if decoder else {})
         }
     cfg = AppConfig(
-        model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format=args.weight_format),
+        model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format=args.weight_format,
+                          quantize_text_decoder=args.quantize_text_decoder),
         engine=EngineConfig(
             precision=args.precision,
             dynamic_quantization_group_size=args.dq,
@@ -162,6 +163,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=0)
     p.add_argument("--precision", default="auto")
     p.add_argument("--dq", type=int, default=EngineConfig.dynamic_quantization_group_size, help="engine.dynamic_quantization_group_size")
+    p.add_argument("--quantize-text-decoder", default="auto", help="model.quantize_text_decoder (false: its own export)")
     p.add_argument("--kv-cache", default="", help="KV cache precision instead of the engine's (u8, bf16, f32)")
     # child mode
     p.add_argument("--child", default=None)
@@ -192,7 +194,9 @@ def main() -> None:
     if not images.exists():
         make_images(images, args.images_n)
     def export(fmt: str) -> str:
-        return str(ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / f"export-{fmt}"), weight_format=fmt)))
+        weights = "-decoder-weights" if args.quantize_text_decoder == "false" else ""
+        return str(ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / f"export-{fmt}{weights}"), weight_format=fmt,
+                                             quantize_text_decoder=args.quantize_text_decoder)))
 
     common = {"checkpoint": checkpoint, "images": images}
     work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
@@ -201,6 +205,7 @@ def main() -> None:
         return spawn(
             "project", **common, model_dir=export(fmt), weight_format=fmt, out=work / f"out-{fmt}",
             batch_size=batch_size, num_requests=num_requests, precision=precision, dq=args.dq, kv_cache=args.kv_cache,
+            quantize_text_decoder=args.quantize_text_decoder,
         )
 
     rows = {}

@@ -44,7 +44,8 @@ class ModelConfig:
     # calibrated on transformers' captions of those photos), kept only if the check after exporting
     # finds every sample caption identical; false = its weights only, activations quantised at each call
     # (engine.dynamic_quantization_group_size). auto = true on CPUs with AMX, where its products then
-    # run AMX int8 kernels (1.31x the images/s); false elsewhere (unmeasured there).
+    # run AMX int8 kernels (1.28-1.38x the images/s, README "On an Intel Xeon with
+    # AMX"); false elsewhere (unmeasured there).
     quantize_text_decoder: str = "auto"
     # After exporting, caption the sample photos with transformers and with the export (pipeline/verify.py).
     verify_after_export: bool = True

@@ -392,7 +392,7 @@ def quantize_text_decoder(ov_model, samples: list[dict]):
 
     The lm_head keeps int8 weights only, its input unquantised: with static scales there too, the
     full-size model (random weights) chose another first token on 2 of the 3 sample photos; without,
-    3 of 3 were transformers' own, for a decode step 4 % slower (bench/static_decoder_variants.py)."""
+    3 of 3 were transformers' own, for a decode step 3 % slower (bench/static_decoder_variants.py, bench/results/profile_ops-static-decoder-variants-amx-20261205.txt)."""
     import nncf
 
     head = nncf.IgnoredScope(names=[logits_matmul(ov_model)])
