@@ -43,7 +43,7 @@ def main() -> None:
                       quantize_text_decoder="false")
     base = pe.ensure_export(cfg)
     model, processor = pe.load_checkpoint(cfg)
-    fp32 = pe.convert(model)["text_decoder"]
+    fp32 = pe.convert_text_decoder(model)
     started = time.perf_counter()
     samples = pe.decoder_calibration(model, processor)
     print(f"calibration set: {time.perf_counter() - started:.0f} s", flush=True)

@@ -239,18 +239,12 @@ def _torch_modules(model):
 
 
 def convert(model) -> dict:
-    """Trace the three wrappers into OpenVINO models (fp32). The decoder takes its KV cache as
-    inputs, as quantisation calibrates it; `make_stateful` moves the cache into its state."""
+    """Trace the three wrappers into OpenVINO models (fp32)."""
     import openvino as ov
     import torch
 
-    image_encoder, token_embedder, text_decoder = _torch_modules(model)
-    cfg = model.config
-    size = cfg.vision_config.image_size
-    width = cfg.text_config.embed_dim
-    heads = cfg.text_config.attention_heads
-    layers = cfg.text_config.layers
-
+    image_encoder, token_embedder, _ = _torch_modules(model)
+    size = model.config.vision_config.image_size
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer chatter about frozen Python branches, expected here
         ov_image = ov.convert_model(
@@ -263,6 +257,25 @@ def convert(model) -> dict:
             example_input=torch.ones(2, 3, dtype=torch.int64),
             input=[("input_ids", ov.PartialShape([-1, -1]), ov.Type.i64)],
         )
+    ov_image.outputs[0].get_tensor().set_names({"image_embeds"})
+    ov_embed.outputs[0].get_tensor().set_names({"inputs_embeds"})
+    return {"image_encoder": ov_image, "token_embedder": ov_embed, "text_decoder": convert_text_decoder(model)}
+
+
+def convert_text_decoder(model):
+    """Trace the decoder wrapper (fp32). It takes its KV cache as inputs, as quantisation calibrates
+    it; `make_stateful` moves the cache into its state."""
+    import openvino as ov
+    import torch
+
+    text_decoder = _torch_modules(model)[2]
+    cfg = model.config
+    width = cfg.text_config.embed_dim
+    heads = cfg.text_config.attention_heads
+    layers = cfg.text_config.layers
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about frozen Python branches, expected here
         # Trace with a multi-token input and a non-empty cache, so one graph serves prefill and decode.
         batch, length, past_len = 2, 3, 2
         kv = torch.zeros(batch, heads, past_len, width // heads)
@@ -280,16 +293,13 @@ def convert(model) -> dict:
         ov_decoder = ov.convert_model(
             text_decoder, example_input=example, input=[(ov.PartialShape(s), t) for s, t in shapes]
         )
-        for port, name in zip(ov_decoder.inputs, names):
-            port.get_tensor().set_names({name})
-
-    ov_image.outputs[0].get_tensor().set_names({"image_embeds"})
-    ov_embed.outputs[0].get_tensor().set_names({"inputs_embeds"})
+    for port, name in zip(ov_decoder.inputs, names):
+        port.get_tensor().set_names({name})
     ov_decoder.outputs[0].get_tensor().set_names({"logits"})
     for i in range(layers):
         ov_decoder.outputs[1 + 2 * i].get_tensor().set_names({f"present.{i}.key"})
         ov_decoder.outputs[2 + 2 * i].get_tensor().set_names({f"present.{i}.value"})
-    return {"image_encoder": ov_image, "token_embedder": ov_embed, "text_decoder": ov_decoder}
+    return ov_decoder
 
 
 def make_stateful(ov_model) -> None:
@@ -514,7 +524,7 @@ def _weights_only_decoder(folder: Path, manifest: dict, record: dict, model, pro
         "to transformers: exporting it with int8 weights only instead", record.get("identical"), len(record.get("images", [])),
     )
     weights = replace(cfg, quantize_text_decoder="false")
-    decoder = compress({"text_decoder": convert(model)["text_decoder"]}, weights, model, processor)["text_decoder"]
+    decoder = compress({"text_decoder": convert_text_decoder(model)}, weights, model, processor)["text_decoder"]
     make_stateful(decoder)
     _save({"text_decoder": decoder}, folder, cfg)
     shutil.rmtree(folder / "_cache", ignore_errors=True)  # compiled from the static decoder
