@@ -54,13 +54,19 @@ def cpu_has(flag: str) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _has_bf16(device: str) -> bool:
+def _capabilities(device: str) -> tuple[str, ...] | None:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of `device`; None for one (AUTO:...) that reports none."""
     import openvino as ov
 
     try:
-        return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
-    except RuntimeError:  # a device (or AUTO:...) that does not report capabilities
-        return False
+        return tuple(ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES"))
+    except RuntimeError:
+        return None
+
+
+def has_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 natively (OpenVINO lists BF16: AVX-512 BF16 or AMX on a CPU)."""
+    return "BF16" in (_capabilities(device) or ())
 
 
 def max_positions(export: Path) -> int:
@@ -97,8 +103,9 @@ def precision(cfg: EngineConfig, export: Path) -> str:
     - int4 weights: f32.
     """
     if cfg.precision != "auto":
+        check_bf16(cfg)
         return cfg.precision
-    if not _has_bf16(cfg.device):
+    if not has_bf16(cfg.device):
         return "f32"
     weight_format = json.loads((Path(export) / "manifest.json").read_text())["key"]["weight_format"]
     if weight_format in ("fp32", "fp16"):
@@ -213,12 +220,27 @@ def release_mapped_files(*folders: Path) -> int:
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
 
 
-def check_device(device: str) -> None:
-    """Refuse a device OpenVINO does not list, before anything is loaded (`GPU`, `GPU.1`, `AUTO:GPU,CPU`)."""
+def check_bf16(cfg: EngineConfig) -> None:
+    """Refuse engine.precision=bf16 on a device that reports it cannot compute it: on a CPU without
+    AVX-512 BF16 or AMX, OpenVINO's paged attention refuses a bf16 KV cache at compile time."""
+    from pipeline.config import ConfigError
+
+    capabilities = _capabilities(cfg.device)
+    if cfg.precision == "bf16" and capabilities is not None and "BF16" not in capabilities:
+        raise ConfigError(
+            f"engine.precision=bf16: {cfg.device} on this machine computes no bf16 (OpenVINO reports "
+            f"{', '.join(capabilities)}); use engine.precision=auto (f32 here) or f32"
+        )
+
+
+def check_device(cfg: EngineConfig) -> None:
+    """Refuse, before anything is loaded, a device OpenVINO does not list (`GPU`, `GPU.1`,
+    `AUTO:GPU,CPU`), or a precision it cannot compute."""
     import openvino as ov
 
     from pipeline.config import ConfigError
 
+    device = cfg.device
     available = ov.Core().available_devices
     kind, _, listed = device.partition(":")
     names = [n for n in listed.split(",") if n] if kind in VIRTUAL_DEVICES else [device]
@@ -229,6 +251,7 @@ def check_device(device: str) -> None:
             f"engine.device={device!r}: OpenVINO on this machine has no {', '.join(unknown) or 'device'}; "
             f"it lists {', '.join(available)}"
         )
+    check_bf16(cfg)
 
 
 class KosmosModel:

@@ -75,7 +75,7 @@ def prepare(cfg: AppConfig) -> None:
     from pipeline.model import check_device
 
     cfg.validate()
-    check_device(cfg.engine.device)
+    check_device(cfg.engine)
     sources.check(cfg.input)
 
 

@@ -88,10 +88,29 @@ def test_unknown_devices_are_refused_by_name(device, ok):
     from pipeline.model import check_device
 
     if ok:
-        check_device(device)
+        check_device(EngineConfig(device=device))
     else:
         with pytest.raises(ConfigError, match=r"engine\.device=.*it lists CPU"):
-            check_device(device)
+            check_device(EngineConfig(device=device))
+
+
+@pytest.mark.parametrize("capabilities, ok", [(("FP32", "BF16", "INT8"), True), (("FP32", "INT8"), False), (None, True)])
+def test_bf16_is_refused_where_the_device_computes_none(monkeypatch, capabilities, ok):
+    """On a CPU without AVX-512 BF16 or AMX (an AVX2-only AMD EPYC), OpenVINO's paged attention refused
+    the bf16 KV cache at compile time with an internal check; now the config is refused by name. A
+    device that reports no capabilities (AUTO:...) is left to OpenVINO."""
+    from pipeline import model
+
+    monkeypatch.setattr(model, "_capabilities", lambda device: capabilities)
+    for cfg in (EngineConfig(precision="f32"), EngineConfig()):
+        model.check_device(cfg)
+    if ok:
+        model.check_device(EngineConfig(precision="bf16"))
+    else:
+        with pytest.raises(ConfigError, match=r"engine\.precision=bf16: CPU on this machine computes no bf16 .* use engine\.precision=auto"):
+            model.check_device(EngineConfig(precision="bf16"))
+        with pytest.raises(ConfigError, match=r"engine\.precision=bf16"):  # what KosmosModel resolves first
+            model.precision(EngineConfig(precision="bf16"), Path("no-export-needed"))
 
 
 def test_max_new_tokens_must_fit_the_position_table(tmp_path):

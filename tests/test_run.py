@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig, PreviewConfig
+from pipeline.model import has_bf16
 from pipeline.run import run
 from pipeline.sink import SCHEMA
 from tests.conftest import EXAMPLES, PROMPT, TRAINED_CAPTIONS
@@ -267,6 +268,10 @@ def test_console_scripts_find_their_config_from_anywhere(tmp_path, script, overr
         (["input.path=photos", "input.limit=-1"], "input.limit=-1"),
         (["input.path=photos", "output.compression=zstandard"], "output.compression='zstandard' is not one of"),
         (["input.path=photos", "engine.device=NPU"], "engine.device='NPU'"),
+        pytest.param(
+            ["input.path=photos", "engine.precision=bf16"], "engine.precision=bf16: CPU on this machine computes no bf16",
+            marks=pytest.mark.skipif(has_bf16("CPU"), reason="this CPU computes bf16, so engine.precision=bf16 is allowed"),
+        ),
         (["input.path=photos", "input.phrases_column=classes", "task=ground"], "input.phrases_column applies to parquet"),
         (["input.path=photos", "engine.max_new_tokens=500"], "engine.max_new_tokens=500 does not fit"),
         (["input.path=photos", "engine.batchsize=4"], "batchsize"),  # Hydra's own error: a misspelt key

@@ -85,7 +85,8 @@ def test_overwrite_leaves_one_result_set(tmp_path):
     assert committed_parts(Folder(tmp_path)) == ["part-00001-00000.parquet"]
 
 
-def test_settings_guard_names_each_changed_setting(tmp_path):
+def test_settings_guard_names_each_changed_setting(tmp_path, monkeypatch):
+    from pipeline import model
     from pipeline.config import AppConfig, EngineConfig, ModelConfig
     from pipeline.model import precision
     from pipeline.run import result_settings
@@ -97,6 +98,8 @@ def test_settings_guard_names_each_changed_setting(tmp_path):
     (export / "config.json").write_text(json.dumps({"text_config": widths[0], "vision_config": widths[1]}))
     tmp_path = tmp_path / "out"
     tmp_path.mkdir()
+
+    monkeypatch.setattr(model, "_capabilities", lambda device: ("FP32", "BF16"))  # bf16 is refused on CPUs without it
 
     def settings(**engine):
         return result_settings(AppConfig(engine=EngineConfig(**engine)), export)
