@@ -9,7 +9,8 @@ per image once loaded, as ratios to the caption measured in the same run:
 - `caption`: the project's defaults, `<grounding>An image of`, exactly 32 new tokens;
 - `ground-10`: the project's defaults, task=ground with the ten phrases below, exactly 4 new tokens a
   phrase (what the real model answers for one box: `<object>`, two patch tokens, `</object>`);
-- `tf-bf16-ground-10`: transformers bf16, the ten referring prompts of an image as one batch, 4 tokens.
+- `tf-bf16-ground-10`: transformers, the ten referring prompts of an image as one batch, 4 tokens; in
+  bf16 where the CPU computes it, else fp32 (`tf-fp32-ground-10`; --tf-dtype).
 Random weights say nothing sensible, so lengths are forced (min_new_tokens = max_new_tokens).
 """
 
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import cpu, run_child
+from harness import cpu, run_child, tf_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 PHRASES = ["a person", "a dog", "a cat", "a car", "a bicycle", "a traffic light", "a chair", "a cup of coffee",
@@ -58,7 +59,8 @@ def child_transformers(args) -> dict:
     sys.path.insert(0, str(REPO))
     from pipeline.config import GROUND_PROMPT
 
-    model = Kosmos2ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16).eval()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.tf_dtype]
+    model = Kosmos2ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint)
     paths = sorted(Path(args.images).iterdir())
     prompts = [GROUND_PROMPT.format(phrase=p) for p in PHRASES]
@@ -67,7 +69,7 @@ def child_transformers(args) -> dict:
         for path in paths:
             image = Image.open(path).convert("RGB")
             enc = processor(text=prompts, images=[image] * len(prompts), return_tensors="pt", padding=True)
-            model.generate(pixel_values=enc["pixel_values"].to(torch.bfloat16), input_ids=enc["input_ids"],
+            model.generate(pixel_values=enc["pixel_values"].to(dtype), input_ids=enc["input_ids"],
                            attention_mask=enc["attention_mask"], image_embeds_position_mask=enc["image_embeds_position_mask"],
                            max_new_tokens=PHRASE_TOKENS, min_new_tokens=PHRASE_TOKENS, do_sample=False)
     return {"images": len(paths), "seconds": time.perf_counter() - start}
@@ -80,6 +82,7 @@ def main() -> None:
     p.add_argument("--before", default=None, help="another checkout of the project, measured as ground-10-before")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--batch-size", type=int, default=0, help="engine.batch_size of the project's systems (0: its default)")
+    p.add_argument("--tf-dtype", default=tf_dtype(), choices=["bf16", "fp32"], help="transformers' precision (default: its best here)")
     p.add_argument("--child", default=None)
     p.add_argument("--result", default=None)
     p.add_argument("--repo", default=str(REPO))
@@ -89,7 +92,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.child:
-        row = child_transformers(args) if args.child == "tf-bf16-ground-10" else child_project(args)
+        row = child_transformers(args) if args.child.startswith("tf-") else child_project(args)
         Path(args.result).write_text(json.dumps(row))
         return
 
@@ -109,14 +112,15 @@ def main() -> None:
     systems = {"caption": REPO, "ground-10": REPO}
     if args.before:
         systems["ground-10-before"] = Path(args.before).resolve()
+    tf = f"tf-{args.tf_dtype}-ground-10"
     if not args.skip_transformers:
-        systems["tf-bf16-ground-10"] = REPO
+        systems[tf] = REPO
     work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
     seconds: dict[str, list[float]] = {s: [] for s in systems}
     for round_ in range(args.rounds):
         for system, repo in systems.items():
             row = run_child(__file__, system, repo=repo, checkpoint=checkpoint, images=images, model_dir=model_dir,
-                        out=work / f"{system}-{round_}", batch_size=args.batch_size)
+                        out=work / f"{system}-{round_}", batch_size=args.batch_size, tf_dtype=args.tf_dtype)
             seconds[system].append(row["seconds"] / row["images"])
             print(f"round {round_ + 1} {system}: {seconds[system][-1]:.3f} s/image", flush=True)
     print(f"\n{cpu()}\n{args.images_n} images, medians of {args.rounds} rounds, seconds per image once loaded")
@@ -125,9 +129,9 @@ def main() -> None:
     for system, runs in seconds.items():
         m = statistics.median(runs)
         print(f"| {system} | {m:.3f} | {' / '.join(f'{r:.2f}' for r in runs)} | {m / caption:.2f} |")
-    if "tf-bf16-ground-10" in seconds:
-        tf = statistics.median(seconds["tf-bf16-ground-10"])
-        print(f"ground-10 is {tf / statistics.median(seconds['ground-10']):.2f}x faster than transformers bf16 (ten prompts as one batch)")
+    if tf in seconds:
+        print(f"ground-10 is {statistics.median(seconds[tf]) / statistics.median(seconds['ground-10']):.2f}x faster than "
+              f"transformers {args.tf_dtype} (ten prompts as one batch)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python bench/real_lengths.py --images-n 64 --rows 0 --encoder-weights-only       # and model.quantize_image_encoder=false
     python bench/real_lengths.py --images-n 64 --rows 0 --admit 2 8 32               # when rows are admitted
     python bench/real_lengths.py --images-n 64 --rows 0 --decoder-weights-only       # and model.quantize_text_decoder=false
+    python bench/real_lengths.py --images-n 64 --rows 0 --static-decoder             # and model.quantize_text_decoder=true
 
 Random weights never stop on their own, so each image is given a caption length between 8 and 64
 tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
@@ -13,7 +14,7 @@ systems give an image the same length): end-of-sequence is held back before it a
 row. transformers stops a batch when its longest row stops, as it does for real captions; the project
 lets rows leave the decoder as they stop. Full-size architecture, int8 export for the project, each
 system in its own process, rounds interleaved; medians of seconds per image once loaded, as ratios to
-transformers bf16 batch 8 measured in the same run.
+transformers batch 8 measured in the same run, in bf16 where the CPU computes it, else fp32 (--tf-dtype).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import cpu, run_child
+from harness import cpu, run_child, tf_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -82,7 +83,8 @@ def child_transformers(args) -> dict:
     from PIL import Image
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
-    model = Kosmos2ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16).eval()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.tf_dtype]
+    model = Kosmos2ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint)
     eos = model.config.text_config.eos_token_id
     paths = sorted(Path(args.images).iterdir())
@@ -104,7 +106,7 @@ def child_transformers(args) -> dict:
             enc = processor(text=[PROMPT] * len(images), images=images, return_tensors="pt", padding=True)
             lengths = [length_of(p.numpy(), args.fixed) for p in enc["pixel_values"]]
             out = model.generate(
-                pixel_values=enc["pixel_values"].to(torch.bfloat16), input_ids=enc["input_ids"],
+                pixel_values=enc["pixel_values"].to(dtype), input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"], image_embeds_position_mask=enc["image_embeds_position_mask"],
                 max_new_tokens=LONGEST + 1, do_sample=False,
                 logits_processor=LogitsProcessorList([Forced(lengths, enc["input_ids"].shape[1])]),
@@ -131,10 +133,13 @@ def main() -> None:
     p.add_argument("--quantize-image-encoder", type=int, default=1)
     p.add_argument("--fixed", type=int, default=0, help=f"every caption this many tokens (1 to {LONGEST}) instead of varying lengths")
     p.add_argument("--tf-batches", type=int, nargs="*", default=[8], help="transformers batch sizes measured")
+    p.add_argument("--tf-dtype", default=tf_dtype(), choices=["bf16", "fp32"], help="transformers' precision (default: its best here)")
     p.add_argument("--admit", type=int, nargs="*", default=[],
                    help="also run the defaults admitting new rows when batch/D rows are free, for each D (the engine's: 4)")
     p.add_argument("--admit-divisor", type=int, default=0)
     p.add_argument("--quantize-text-decoder", default="auto")
+    p.add_argument("--static-decoder", action="store_true",
+                   help="also run the defaults with model.quantize_text_decoder=true (its own export)")
     p.add_argument("--decoder-weights-only", action="store_true",
                    help="also run the defaults with model.quantize_text_decoder=false (its own export)")
     p.add_argument("--encoder-weights-only", action="store_true",
@@ -160,7 +165,7 @@ def main() -> None:
         make_images(images, args.images_n)
     here = str(Path(__file__).resolve())
     assert 0 <= args.fixed <= LONGEST, f"--fixed {args.fixed}: 1 to {LONGEST}"
-    systems = {f"tf-bf16-b{n}": (here, {"batch_size": n}) for n in args.tf_batches}
+    systems = {f"tf-{args.tf_dtype}-b{n}": (here, {"batch_size": n, "tf_dtype": args.tf_dtype}) for n in args.tf_batches}
     systems.update({f"project, {n} rows" if n else "project (defaults)": (here, {"batch_size": n}) for n in args.rows})
     if args.encoder_weights_only:
         folder = str(ensure_export(weights_only))
@@ -169,6 +174,10 @@ def main() -> None:
         folder = ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8-decoder-weights"), weight_format="int8",
                                            quantize_text_decoder="false"))
         systems["project (defaults), text decoder weights only"] = (here, {"model_dir": str(folder), "quantize_text_decoder": "false"})
+    if args.static_decoder:
+        folder = ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8-static-decoder"), weight_format="int8",
+                                           quantize_text_decoder="true"))
+        systems["project (defaults), static int8 text decoder"] = (here, {"model_dir": str(folder), "quantize_text_decoder": "true"})
     systems.update({f"project (defaults), admitting when 1/{d} of the rows are free": (here, {"admit_divisor": d}) for d in args.admit})
     if args.before:
         systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), {})
