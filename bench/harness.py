@@ -25,8 +25,9 @@ def tf_dtype() -> str:
     """transformers' best precision here: bf16 where the CPU computes it (AVX-512 BF16, AMX), else
     fp32. torch's bf16 matrix product without it ran 220x slower than fp32 on an AVX2-only AMD EPYC
     (64x2048 by 2048x8192, 2 cores: 10.9 s against 49 ms)."""
-    flags = Path("/proc/cpuinfo").read_text().split()
-    return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+    from pipeline.model import cpu_has
+
+    return "bf16" if cpu_has("avx512_bf16") or cpu_has("amx_bf16") else "fp32"
 
 
 def run_child(script: str, system: str, **options) -> dict:
