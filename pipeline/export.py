@@ -23,9 +23,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -354,18 +356,30 @@ def compress(models: dict, cfg: ModelConfig, model, processor) -> dict:
     # Layers narrower than a group (only in tiny test models) get a smaller group instead of an error.
     adjust = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
     out = {}
-    for name, ov_model in models.items():
-        if name == "image_encoder" and cfg.quantize_image_encoder:
-            out[name] = quantize_image_encoder(ov_model, processor)
-        elif name == "text_decoder" and cfg.static_text_decoder:
-            out[name] = quantize_text_decoder(ov_model, decoder_calibration(model, processor))
-        elif cfg.weight_format == "int4" and name == "text_decoder":
-            out[name] = nncf.compress_weights(
-                ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0, advanced_parameters=adjust
-            )
-        else:
-            out[name] = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    with nncf_on_stderr():
+        for name, ov_model in models.items():
+            if name == "image_encoder" and cfg.quantize_image_encoder:
+                out[name] = quantize_image_encoder(ov_model, processor)
+            elif name == "text_decoder" and cfg.static_text_decoder:
+                out[name] = quantize_text_decoder(ov_model, decoder_calibration(model, processor))
+            elif cfg.weight_format == "int4" and name == "text_decoder":
+                out[name] = nncf.compress_weights(
+                    ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0, advanced_parameters=adjust
+                )
+            else:
+                out[name] = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     return out
+
+
+@contextmanager
+def nncf_on_stderr():
+    """NNCF logs its tables and draws its progress bars on stdout, which is for a command's results
+    (kosmos-export prints the export's path there): send both to stderr, with the run's own logs."""
+    for handler in logging.getLogger("nncf").handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setStream(sys.stderr)
+    with redirect_stdout(sys.stderr):
+        yield
 
 
 def calibration_views() -> list:

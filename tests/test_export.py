@@ -260,11 +260,15 @@ def run_export_command(*overrides: str, env_extra: dict | None = None, cwd: Path
     )
 
 
-def test_export_command_on_a_checkpoint_folder(random_checkpoint, tmp_path):
+@pytest.mark.parametrize("weight_format", ["fp32", "int8"])
+def test_export_command_on_a_checkpoint_folder(random_checkpoint, tmp_path, weight_format):
+    """stdout holds the command's result alone: NNCF's tables and progress bars (int8) go to stderr."""
     out = tmp_path / "exported"
-    proc = run_export_command(f"model.source={random_checkpoint}", f"model.dir={out}", "model.weight_format=fp32", cwd=tmp_path)
+    proc = run_export_command(f"model.source={random_checkpoint}", f"model.dir={out}", f"model.weight_format={weight_format}",
+                              "model.quantize_text_decoder=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert f"Export ready: {out}" in proc.stdout
+    assert proc.stdout.splitlines()[0] == f"Export ready: {out}"
+    assert all(line.startswith(("Export ready: ", "Verification: ")) for line in proc.stdout.splitlines()), proc.stdout
     assert export.read_manifest(out)["key"]["source"] == str(random_checkpoint.resolve())
 
 
