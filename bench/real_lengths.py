@@ -194,10 +194,10 @@ def main() -> None:
             print(f"round {round_ + 1} {system}: {seconds[system][-1]:.3f} s/image, {row['tokens']} tokens", flush=True)
     assert len(set(tokens.values())) == 1, f"the systems generated different numbers of tokens: {tokens}"
     lengths = f"every caption {args.fixed} tokens" if args.fixed else f"captions of {SHORTEST} to {LONGEST} tokens"
-    tf = [s for s in systems if s.startswith("tf-")] or list(systems)[:1]  # without transformers (--tf-batches): the first system
-    print(f"\n{cpu()}\n{args.images_n} images, {lengths} ({tokens[tf[0]] / args.images_n:.1f} on average), "
+    baselines = [s for s in systems if s.startswith("tf-")] or list(systems)[:1]  # transformers, or without it (--tf-batches) the first system
+    print(f"\n{cpu()}\n{args.images_n} images, {lengths} ({tokens[baselines[0]] / args.images_n:.1f} on average), "
           f"medians of {args.rounds} rounds, seconds per image once loaded")
-    base = {s: statistics.median(seconds[s]) for s in (tf[0], min(tf, key=lambda s: statistics.median(seconds[s])))}
+    base = {s: statistics.median(seconds[s]) for s in (baselines[0], min(baselines, key=lambda s: statistics.median(seconds[s])))}
     print(f"| system | s/image | runs | {' | '.join(f'x {s}' for s in base)} |\n|" + " --- |" * (3 + len(base)))
     for system, runs in seconds.items():
         m = statistics.median(runs)
