@@ -2,7 +2,7 @@
 for the paged text decoder as the engine calls it (the image prefixes, the rest of the prompts, a
 decode step) on the full-size Kosmos-2 (random weights, bench/export_full_size.py).
 
-    python bench/profile_ops.py                      # int8 export, the engine's defaults: 32 rows, 8 images
+    python bench/profile_ops.py                      # int8 export, the engine's defaults (32 rows, 16 without AVX-512), 8 images
     python bench/profile_ops.py --precision f32 --rows 64
 
 Each graph is compiled with PERF_COUNT on, with the compile settings the engine uses. A request's

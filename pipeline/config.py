@@ -90,7 +90,8 @@ class EngineConfig:
     # auto | f32 | bf16: OpenVINO's inference precision and KV-cache precision. auto = bf16 where the
     # CPU has it natively, except int8/int4 weights on AMX CPUs (f32): see pipeline.model.precision.
     precision: str = "auto"
-    # Rows each decoder step runs (continuous batching: a row that stops is replaced); 0 = the default.
+    # Rows each decoder step runs (continuous batching: a row that stops is replaced); 0 = the default:
+    # 32, or 16 on a CPU without AVX-512 (pipeline.engine.default_batch_size).
     batch_size: int = 0
     # Decoders side by side, each with its own rows, thread and OpenVINO stream; 0 = one.
     num_requests: int = 0

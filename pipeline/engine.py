@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EngineConfig
-from pipeline.model import KosmosModel
+from pipeline.model import KosmosModel, cpu_has
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,19 @@ def _parts(items: list) -> list[list]:
     return [items[i : i + IMAGES_PER_CALL] for i in range(0, len(items), IMAGES_PER_CALL)]
 
 
-def default_batch_size() -> int:
-    """32 rows share each decoder step. A step reads every weight once for all its rows, so a row
-    costs less the more rows share it (8.2 ms a row at 16, 6.3 at 32, 5.7 at 64 on 2 cores:
+def default_batch_size(device: str = "CPU") -> int:
+    """Rows that share each decoder step: 32, or 16 on a CPU without AVX-512.
+
+    A step reads every weight once for all its rows, so a row costs less the more rows share it
+    (8.2 ms a row at 16, 6.3 at 32, 5.7 at 64 on 2 cores of an AMD EPYC with AVX-512:
     bench/profile_ops.py); with rows replaced as they stop, 32 ran captions of real lengths 1.03x
     faster than 16, and 64 rows 1.03x faster than 32 for twice the KV cache (bench/real_lengths.py,
-    2 cores); the issue's 16-core AMX machine ran one stream fastest at 64 rows, and 32 within 8 %."""
-    return 32
+    2 cores); the issue's 16-core AMX machine ran one stream fastest at 64 rows, and 32 within 8 %.
+    With AVX2 only, a step's products run in f32 at the cores' peak whatever the rows (39 ms a row at
+    8, 35 at 16, 31 at 32: bench/results/profile_ops-rows-avx2-20261207.txt): 16 rows ran real
+    lengths as fast as 32 (1.00x) and held 0.7 GB less of f32 KV cache
+    (bench/results/rows-avx2-20261207.txt)."""
+    return 16 if device == "CPU" and not cpu_has("avx512f") else 32
 
 
 def admit_at(batch_size: int) -> int:
@@ -414,7 +420,7 @@ class Engine:
     def __init__(self, model: KosmosModel, cfg: EngineConfig):
         self.model = model
         self.cfg = cfg
-        self.batch_size = cfg.batch_size or default_batch_size()
+        self.batch_size = cfg.batch_size or default_batch_size(cfg.device)
         self.num_requests = model.num_requests
         self.times = StageTimes()
         self.decoders = [Decoder(model, cfg.max_new_tokens, self.batch_size, self.times) for _ in range(self.num_requests)]

@@ -216,6 +216,19 @@ def test_stopped_rows_are_replaced_mid_run(trained_export, processor, monkeypatc
     assert max(len(rows) for rows in steps) == 2
 
 
+@pytest.mark.parametrize("flags, device, rows", [({"avx512f"}, "CPU", 32), (set(), "CPU", 16), (set(), "GPU", 32)])
+def test_default_rows_per_step_follow_the_cpu(trained_export, monkeypatch, flags, device, rows):
+    """engine.batch_size=0 means 32 rows, or 16 on a CPU without AVX-512, where a step runs in f32 at
+    the cores' peak whatever its rows and 16 rows ran as fast for 0.7 GB less KV cache."""
+    import pipeline.engine
+
+    monkeypatch.setattr(pipeline.engine, "cpu_has", lambda flag: flag in flags)
+    assert pipeline.engine.default_batch_size(device) == rows
+    if device == "CPU":
+        assert engine(trained_export).batch_size == rows
+        assert engine(trained_export, batch_size=8).batch_size == 8
+
+
 def test_an_input_that_fails_stops_the_run_with_its_error(random_export, processor):
     image = pixel_values(processor, sample_images()[0])
 
