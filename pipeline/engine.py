@@ -74,9 +74,10 @@ def default_batch_size(device: str = "CPU") -> int:
     faster than 16, and 64 rows 1.03x faster than 32 for twice the KV cache (bench/real_lengths.py,
     2 cores); the issue's 16-core AMX machine ran one stream fastest at 64 rows, and 32 within 8 %.
     With AVX2 only, a step's products run in f32 at the cores' peak whatever the rows (39 ms a row at
-    8, 35 at 16, 31 at 32: bench/results/profile_ops-rows-avx2-20261207.txt): 16 rows ran real
-    lengths as fast as 32 (1.00x) and held 0.7 GB less of f32 KV cache
-    (bench/results/rows-avx2-20261207.txt)."""
+    8, 35 at 16, 31 at 32: bench/results/profile_ops-rows-avx2-20261207.txt): against 32, 16 rows
+    ran real lengths 1.00x, class lists 1.03x and fixed lengths 0.93x, and over 64 photos peaked at
+    3.0 GB against 3.7, the f32 KV cache halved (bench/results/rows-avx2-20261207.txt,
+    class_lists-avx2-rows-20261207.txt, rss-avx2-rows-20261207.txt)."""
     return 16 if device == "CPU" and not cpu_has("avx512f") else 32
 
 
