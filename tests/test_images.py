@@ -100,3 +100,22 @@ def test_ordered_map_keeps_order_and_bounds_lookahead():
     assert next(it) == 0
     assert len(started) <= 6
     assert list(it) == [i * i for i in range(1, 100)]
+
+
+def test_ordered_map_opens_its_window_as_results_are_taken():
+    """The first result does not wait behind `ahead` items being read: `threads` are read first, then
+    one more per result taken, up to `ahead`."""
+    submitted = []
+
+    def items():
+        for i in range(100):
+            submitted.append(i)
+            yield i
+
+    it = ordered_map(lambda i: i, items(), threads=2, ahead=32)
+    assert next(it) == 0 and len(submitted) == 2
+    assert next(it) == 1 and len(submitted) == 4
+    for _ in range(40):
+        next(it)
+    assert len(submitted) == 42 + 31  # `ahead` wide: 31 read and waiting after a result is taken
+    assert list(it) == list(range(42, 100))
