@@ -119,8 +119,8 @@ def default_threads() -> int:
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int) -> Iterator[R]:
     """`map(fn, items)` on a thread pool, in order, with at most `ahead` results waiting. The window
     opens from `threads` items by one per result taken, so the first items are not slowed down by
-    the reading of those behind them: with 32 read at once, a run's first row was written 0.85 s
-    later on 2 cores (bench/results/first_rows-avx2-20261207.txt)."""
+    the reading of those behind them: with 32 read at once, a run's first row was written 0.6 to
+    0.9 s later on 2 cores (bench/results/first_rows-avx2-20261207.txt)."""
     with ThreadPoolExecutor(threads, thread_name_prefix="kosmos-decode") as pool:
         pending: deque = deque()
         taken = 0
