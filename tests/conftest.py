@@ -43,12 +43,13 @@ def trained_checkpoint(tmp_path_factory, processor) -> Path:
     return tiny.save_checkpoint(tiny.make_trained_model(processor, EXAMPLES), processor, tmp_path_factory.mktemp("trained_ckpt"))
 
 
-def _export(checkpoint: Path, folder: Path, weight_format: str = "fp32", quantize_text_decoder: str = "auto") -> Path:
+def _export(checkpoint: Path, folder: Path, weight_format: str = "fp32", quantize_text_decoder: str = "auto",
+            verify: bool = True) -> Path:
     from pipeline.config import ModelConfig
     from pipeline.export import ensure_export
 
     return ensure_export(ModelConfig(source=str(checkpoint), dir=str(folder), weight_format=weight_format,
-                                     quantize_text_decoder=quantize_text_decoder))
+                                     quantize_text_decoder=quantize_text_decoder, verify_after_export=verify))
 
 
 @pytest.fixture(scope="session")
