@@ -44,8 +44,8 @@ class ModelConfig:
     # calibrated on transformers' captions of those photos), kept only if the check after exporting
     # finds every sample caption identical; false = its weights only, activations quantised at each call
     # (engine.dynamic_quantization_group_size). auto = true on CPUs with AMX, where its products then
-    # run AMX int8 kernels (1.28-1.38x the images/s, README "On an Intel Xeon with
-    # AMX"); false elsewhere (unmeasured there).
+    # run AMX int8 kernels (1.28-1.38x the images/s, README "On an Intel Xeon with AMX"); false
+    # elsewhere: no faster on an AMD EPYC with AVX-512 VNNI or with AVX2 only (README "Performance").
     quantize_text_decoder: str = "auto"
     # After exporting, caption the sample photos with transformers and with the export (pipeline/verify.py).
     verify_after_export: bool = True
