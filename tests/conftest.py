@@ -45,11 +45,17 @@ def trained_checkpoint(tmp_path_factory, processor) -> Path:
 
 def _export(checkpoint: Path, folder: Path, weight_format: str = "fp32", quantize_text_decoder: str = "auto",
             verify: bool = True) -> Path:
+    """An export for tests; one asked for a static text decoder has one, never the int8-weights
+    decoder that the export's check puts in its place when it fails (tests/test_export.py tests that)."""
     from pipeline.config import ModelConfig
     from pipeline.export import ensure_export
+    from pipeline.model import static_text_decoder
 
-    return ensure_export(ModelConfig(source=str(checkpoint), dir=str(folder), weight_format=weight_format,
-                                     quantize_text_decoder=quantize_text_decoder, verify_after_export=verify))
+    export = ensure_export(ModelConfig(source=str(checkpoint), dir=str(folder), weight_format=weight_format,
+                                       quantize_text_decoder=quantize_text_decoder, verify_after_export=verify))
+    if quantize_text_decoder == "true":
+        assert static_text_decoder(export), f"{export}: the export's check replaced the static decoder by int8 weights only"
+    return export
 
 
 @pytest.fixture(scope="session")

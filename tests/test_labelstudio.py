@@ -5,6 +5,7 @@ once under the user's cache folder; the first run installs it from the package i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
 def label_studio_venv() -> Path:
     cache = Path(os.environ.get("KOSMOS_ANNOTATE_CACHE") or Path.home() / ".cache" / "kosmos-annotate")
-    venv = cache / "test-venvs" / f"label-studio-{VERSION}-sentry-sdk-2"  # a venv made before the pin is not reused
+    pins = hashlib.sha256(" ".join(PINS).encode()).hexdigest()[:8]  # other pins, another venv
+    venv = cache / "test-venvs" / f"label-studio-{VERSION}-{pins}"
     venv.parent.mkdir(parents=True, exist_ok=True)
     with flock(venv.parent / f".{venv.name}.lock"):
         if not (venv / "bin" / "label-studio").exists():
