@@ -1,10 +1,12 @@
-"""`python -m pipeline` / `kosmos-annotate`: the Hydra entry point of the annotation run."""
+"""`python -m pipeline` / `kosmos-annotate`: compose the config, run the annotation, say how it went."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from pipeline.annotate.run import copy_hydra_record, run
+from pipeline.cli import command
 from pipeline.config import AppConfig
 
 log = logging.getLogger("kosmos-annotate")
@@ -12,8 +14,6 @@ log = logging.getLogger("kosmos-annotate")
 
 def annotate(cfg: AppConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
-
-    from pipeline.run import copy_hydra_record, run
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     output_dir = cfg.output.dir or hydra_dir
@@ -35,8 +35,6 @@ def annotate(cfg: AppConfig) -> None:
 
 
 def main() -> None:
-    from pipeline.cli import command
-
     command("config", annotate, log)
 
 

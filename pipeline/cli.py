@@ -1,30 +1,43 @@
-"""The Hydra wrapper the commands share: the typed config composed from `conf/`, and a
-`UserError` reported as one log line and an exit status, never a traceback.
-
-Exit statuses: 0 done; 2 a bad invocation (a config Hydra cannot compose, a bad value, an unusable
-input or output folder), nothing written; 3 an aborted run (run.max_error_rate), committed work kept;
-4 an export that disagrees with transformers (kosmos-export verify=true); 5 a stalled shard
-(kosmos-status); 1 an unexpected error (a bug: the traceback is on stderr). Logs go to stderr (see conf/)."""
+"""The Hydra wrapper every command shares: the typed config composed from `conf/`, and a
+`UserError` reported as one log line and its exit status (pipeline/errors.py), never a traceback.
+Logs go to stderr (conf/hydra/job_logging/stderr.yaml)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from pipeline.config import CONF_DIR, UserError
+from hydra.core.config_store import ConfigStore
+
+from pipeline.config import AppConfig, ExportConfig, GalleryConfig, LabelsConfig, StatusConfig
+from pipeline.errors import BAD_INVOCATION, BUG, UserError
+
+# The `conf/` tree beside the package, as an absolute path: Hydra resolves a relative config_path
+# against a package (not a folder) when the app starts from a console script.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+SCHEMAS = {
+    "config": AppConfig,
+    "export": ExportConfig,
+    "labels": LabelsConfig,
+    "gallery": GalleryConfig,
+    "status": StatusConfig,
+}
 
 
-def command(config_name: str, work: Callable, log: logging.Logger, schema: type | None = None) -> None:
-    """Run `work(cfg)` as a Hydra app over `conf/<config_name>.yaml` (with `<config_name>_schema`
-    registered from `schema` when the app has its own)."""
+def register() -> None:
+    """Each command's schema in Hydra's ConfigStore, as its YAML's defaults name it (`<name>_schema`)."""
+    for name, schema in SCHEMAS.items():
+        ConfigStore.instance().store(name="schema" if name == "config" else f"{name}_schema", node=schema)
+
+
+def command(config_name: str, work: Callable, log: logging.Logger) -> None:
+    """Run `work(cfg)` as a Hydra app over `conf/<config_name>.yaml`."""
     import hydra
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    if schema is not None:
-        ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
-
+    register()
     composed = False
 
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
@@ -41,4 +54,4 @@ def command(config_name: str, work: Callable, log: logging.Logger, schema: type 
         app()
     except SystemExit as e:
         # Hydra exits 1 for a config it cannot compose (a misspelt key, a bad override): an invocation error.
-        sys.exit(2 if e.code == 1 and not composed else e.code)
+        sys.exit(BAD_INVOCATION if e.code == BUG and not composed else e.code)

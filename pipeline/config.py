@@ -1,82 +1,123 @@
-"""Typed config schemas. Registered in Hydra's ConfigStore so that a misspelt key or a bad
-value fails at start-up with its name, before any model is loaded."""
+"""Typed config schemas, one per command, with a help line for every key.
+
+Hydra composes `conf/` into these dataclasses, so a misspelt key or a value of the wrong type or
+outside its Enum fails at start-up, naming the key; `validate()` checks what types cannot (ranges,
+keys that need each other). `null` always means "chosen for this machine or input" and each help
+line says how. The configuration reference in the docs is generated from the help lines.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any, TypeVar
 
-from hydra.core.config_store import ConfigStore
+from pipeline.errors import ConfigError
 
-# The `conf/` tree beside the package, as an absolute path: Hydra resolves a relative config_path
-# against a package (not a folder) when the app starts from a console script.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
-PRECISIONS = ("auto", "f32", "bf16")
+T = TypeVar("T")
 
 
-class UserError(ValueError):
-    """Something the user can fix: the commands log its message as one line and exit with `exit_code`."""
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help line (a list or dataclass default is copied for each instance)."""
+    if isinstance(default, list) or is_dataclass(default):
+        value = default
+        return field(
+            default_factory=lambda: value.copy() if isinstance(value, list) else type(value)(), metadata={"help": help}
+        )
+    return field(default=default, metadata={"help": help})
 
-    exit_code = 2
-    label = ""
+
+class Choice(str, Enum):
+    """A choice among names: equal to its name as a string, and printed as it."""
+
+    def __str__(self) -> str:
+        return self.value
 
 
-class ConfigError(UserError):
-    """A config value that cannot work; the message names the key and what to do."""
+class WeightFormat(Choice):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class Precision(Choice):
+    f32 = "f32"
+    bf16 = "bf16"
+
+
+class InputKind(Choice):
+    folder = "folder"
+    parquet = "parquet"
+    webdataset = "webdataset"
+
+
+class OutputMode(Choice):
+    resume = "resume"
+    overwrite = "overwrite"
+    error = "error"
+
+
+class Compression(Choice):
+    zstd = "zstd"
+    snappy = "snappy"
+    gzip = "gzip"
+    brotli = "brotli"
+    lz4 = "lz4"
+    none = "none"
+
+
+class TaskKind(Choice):
+    caption = "caption"
+    describe = "describe"
+    ground = "ground"
+
+
+class LabelFormat(Choice):
+    coco = "coco"
+    coco_results = "coco_results"
+    labelstudio = "labelstudio"
+    yolo = "yolo"
 
 
 @dataclass
 class ModelConfig:
-    # Hugging Face hub id, or a local folder written by `save_pretrained`.
-    source: str = "microsoft/kosmos-2-patch14-224"
-    # Hub revision (branch, tag or commit) to pin; None takes the default branch.
-    revision: str | None = None
-    # Where the OpenVINO export lives; None = a per-user cache folder keyed by source and format.
-    dir: str | None = None
-    # fp32 | fp16 | int8 | int4 (int8/int4: NNCF weight compression).
-    weight_format: str = "int8"
-    # int8/int4: the image encoder computes in int8 too (NNCF static quantisation, calibrated on the
-    # photos in pipeline/samples/calibration/); false = its weights only, like the decoder's.
-    quantize_image_encoder: bool = True
-    # auto | true | false. int8: the text decoder computes in int8 too (NNCF static quantisation,
-    # calibrated on transformers' captions of those photos), kept only if the check after exporting
-    # finds every sample caption identical; false = its weights only, activations quantised at each call
-    # (engine.dynamic_quantization_group_size). auto = true on CPUs with AMX, where its products then
-    # run AMX int8 kernels (1.28-1.38x the images/s, README "On an Intel Xeon with AMX"); false
-    # elsewhere: no faster on an AMD EPYC with AVX-512 VNNI or with AVX2 only (README "Performance").
-    quantize_text_decoder: str = "auto"
-    # After exporting, caption the sample photos with transformers and with the export (pipeline/verify.py).
-    verify_after_export: bool = True
-    # ...and warn (kosmos-export verify=true: exit 4) below this fraction of identical captions.
-    min_identical: float = 0.6
+    source: str = opt(
+        "microsoft/kosmos-2-patch14-224", "Hugging Face hub id, or a local folder written by save_pretrained."
+    )
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) to pin; null = the default branch.")
+    dir: str | None = opt(
+        None, "Where the OpenVINO export lives; null = a per-user cache folder keyed by source and format."
+    )
+    weight_format: WeightFormat = opt(
+        WeightFormat.int8, "Weights of the export: fp32, fp16, int8 or int4 (NNCF compression)."
+    )
+    quantize_image_encoder: bool = opt(
+        True,
+        "int8/int4: the image encoder computes in int8 too (calibrated on sample photos); false = its weights only.",
+    )
+    quantize_text_decoder: bool | None = opt(
+        None,
+        "int8: the text decoder computes in int8 too, kept only if the export's check finds every sample caption "
+        "identical; null = on CPUs with AMX only.",
+    )
+    verify_after_export: bool = opt(
+        True, "After exporting, caption the sample photos with transformers and the export, and compare."
+    )
+    min_identical: float = opt(
+        0.6, "Warn (kosmos-export verify=true: exit 4) below this fraction of identical sample captions."
+    )
 
     @property
     def compressed(self) -> bool:
         """int8/int4: NNCF compresses the weights, and `quantize_image_encoder` applies."""
-        return self.weight_format in ("int8", "int4")
-
-    @property
-    def static_text_decoder(self) -> bool:
-        """`quantize_text_decoder` resolved on this machine."""
-        from pipeline.model import cpu_has
-
-        wanted = str(self.quantize_text_decoder).lower()
-        return self.weight_format == "int8" and (wanted == "true" or (wanted == "auto" and cpu_has("amx_int8")))
+        return self.weight_format in (WeightFormat.int8, WeightFormat.int4)
 
     def validate(self) -> None:
-        if self.weight_format not in WEIGHT_FORMATS:
-            raise ConfigError(
-                f"model.weight_format={self.weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}"
-            )
-        wanted = str(self.quantize_text_decoder).lower()
-        if wanted not in ("auto", "true", "false"):
-            raise ConfigError(f"model.quantize_text_decoder={self.quantize_text_decoder!r} is not one of auto, true, false")
-        if wanted == "true" and self.weight_format != "int8":
+        if self.quantize_text_decoder and self.weight_format != WeightFormat.int8:
             raise ConfigError(
                 f"model.quantize_text_decoder=true needs model.weight_format=int8 (not {self.weight_format}): "
-                "set model.weight_format=int8 or model.quantize_text_decoder=auto"
+                "set model.weight_format=int8 or model.quantize_text_decoder=null"
             )
         if not self.source:
             raise ConfigError("model.source is empty: give a hub id or a local checkpoint folder")
@@ -86,34 +127,35 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    device: str = "CPU"
-    # auto | f32 | bf16: OpenVINO's inference precision and KV-cache precision. auto = bf16 where the
-    # CPU has it natively, except int8/int4 weights on AMX CPUs (f32): see pipeline.model.precision.
-    precision: str = "auto"
-    # Rows each decoder step runs (continuous batching: a row that stops is replaced); 0 = the default:
-    # 32, or 16 on a CPU without AVX-512 (pipeline.engine.default_batch_size).
-    batch_size: int = 0
-    # Decoders side by side, each with its own rows, thread and OpenVINO stream; 0 = one.
-    num_requests: int = 0
-    max_new_tokens: int = 128
-    # Mirrors transformers' min_new_tokens: end-of-sequence is suppressed until this many.
-    min_new_tokens: int = 0
-    # Compiled-blob cache (OpenVINO CACHE_DIR); None = inside model.dir.
-    cache_dir: str | None = None
-    # int8/int4 weights: activations quantised to int8 in groups of this many (OpenVINO's
-    # DYNAMIC_QUANTIZATION_GROUP_SIZE); 0 = off. Groups must divide a layer's width to cover it.
-    dynamic_quantization_group_size: int = 256
-    # OpenVINO threads of this process; 0 = the machine's cores / shards_per_machine.
-    threads: int = 0
-    # How many shards run side by side on this machine (e.g. the joblib launcher's n_jobs).
-    shards_per_machine: int = 1
+    device: str = opt("CPU", "OpenVINO device (CPU, or AUTO:... of devices OpenVINO lists).")
+    precision: Precision | None = opt(
+        None,
+        "Inference and KV-cache precision, f32 or bf16; null = bf16 where it keeps tokens batch-invariant, else f32.",
+    )
+    batch_size: int | None = opt(
+        None, "Rows each decoder step runs (a row that stops is replaced); null = 32, or 16 on a CPU without AVX-512."
+    )
+    num_requests: int | None = opt(
+        None, "Decoders side by side, each with its own rows, thread and stream; null = one."
+    )
+    max_new_tokens: int = opt(128, "At most this many generated tokens a row, as in transformers' generate.")
+    min_new_tokens: int = opt(0, "End of sequence is suppressed until this many tokens, as in transformers' generate.")
+    cache_dir: str | None = opt(None, "OpenVINO's compiled-model cache; null = inside model.dir.")
+    dynamic_quantization_group_size: int = opt(
+        256, "int8/int4 weights: activations quantised to int8 in groups of this many; 0 = off."
+    )
+    threads: int | None = opt(
+        None, "OpenVINO threads of this process; null = the machine's cores / shards_per_machine."
+    )
+    shards_per_machine: int = opt(1, "Shards running side by side on this machine (the joblib launcher's n_jobs).")
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"engine.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.shards_per_machine < 1:
             raise ConfigError(f"engine.shards_per_machine={self.shards_per_machine} must be >= 1")
-        for key in ("batch_size", "num_requests", "min_new_tokens", "threads", "dynamic_quantization_group_size"):
+        for key in ("batch_size", "num_requests", "threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"engine.{key}={getattr(self, key)} must be >= 1, or null (chosen for this machine)")
+        for key in ("min_new_tokens", "dynamic_quantization_group_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"engine.{key}={getattr(self, key)} must be >= 0")
         if self.max_new_tokens < 1:
@@ -125,106 +167,96 @@ class EngineConfig:
 
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
-INPUT_KINDS = ("folder", "parquet", "webdataset")
 
 
 @dataclass
 class InputConfig:
-    kind: str = "folder"  # folder | parquet | webdataset (set by the input group)
-    # A folder of images; a parquet file / folder of parquet files / glob; or WebDataset tar shards
-    # (`shards/{00000..00099}.tar`, brace ranges and globs).
-    path: str | None = None
-    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
-    # parquet only: a column of paths, of bytes, or of {bytes, path} structs (Hugging Face datasets).
-    image_column: str = "image"
-    id_column: str | None = None  # default: the path, else the row number
-    prompt_column: str | None = None  # a per-row prompt; null or empty cells take `prompt`
-    phrases_column: str | None = None  # task=ground: a per-row list of phrases to ground
-    # parquet: columns copied to the output; webdataset: members by extension (txt, json, cls) as strings
-    keep_columns: list[str] = field(default_factory=list)
-    limit: int | None = None  # only the first N items
-    # Images larger than this are refused before they are decoded (decompression bombs).
-    max_image_pixels: int = 100_000_000
-    decode_threads: int = 0  # 0 = derived from the core count
-    # Deterministic partition by a stable hash of `id`: shard `shard_index` of `num_shards`.
-    num_shards: int = 1
-    shard_index: int = 0
+    kind: InputKind = opt(InputKind.folder, "folder, parquet or webdataset (set by the input group: input=parquet).")
+    path: str | None = opt(
+        None, "A folder of images; a parquet file, folder or glob; or WebDataset tars ('shards/{00000..00099}.tar')."
+    )
+    extensions: list[str] = opt(IMAGE_EXTENSIONS, "folder: the file extensions taken as images.")
+    image_column: str = opt("image", "parquet: a column of paths, of bytes, or of {bytes, path} structs.")
+    id_column: str | None = opt(None, "parquet: the ids; null = the image path, else <file>#<row>.")
+    prompt_column: str | None = opt(None, "parquet: a per-row prompt; null or empty cells take `prompt`.")
+    phrases_column: str | None = opt(None, "parquet, task=ground: a per-row list of phrases to ground.")
+    keep_columns: list[str] = opt(
+        [], "Copied to the output: manifest columns, or WebDataset members by extension (txt, json, cls) as strings."
+    )
+    limit: int | None = opt(None, "Only the first N items; null = all.")
+    max_image_pixels: int = opt(100_000_000, "Images with more pixels are refused from their header, before decoding.")
+    decode_threads: int | None = opt(None, "Threads decoding images ahead of the model; null = the cores, 2 to 8.")
+    num_shards: int = opt(1, "Split the input into this many shards (disjoint, covering).")
+    shard_index: int = opt(0, "The shard this process annotates, 0 to num_shards - 1.")
 
     def validate(self) -> None:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(
                 f"input.shard_index={self.shard_index} must be in [0, input.num_shards={self.num_shards})"
             )
-        if self.kind not in INPUT_KINDS:
-            raise ConfigError(f"input.kind={self.kind!r} is not one of {', '.join(INPUT_KINDS)}")
         if not self.path:
-            example = {"folder": "photos/", "parquet": "manifest.parquet", "webdataset": "'shards/{00000..00009}.tar'"}[self.kind]
-            raise ConfigError(f"input.path is not set: say what to annotate, e.g. input.path={example}")
+            example = {"folder": "photos/", "parquet": "manifest.parquet", "webdataset": "'shards/{00000..00009}.tar'"}
+            raise ConfigError(f"input.path is not set: say what to annotate, e.g. input.path={example[self.kind]}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"input.limit={self.limit} must be >= 0")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ConfigError(
+                f"input.decode_threads={self.decode_threads} must be >= 1, or null (chosen for this machine)"
+            )
         for key in ("prompt_column", "phrases_column", "id_column"):
-            if self.kind != "parquet" and getattr(self, key):
+            if self.kind != InputKind.parquet and getattr(self, key):
                 raise ConfigError(f"input.{key} applies to parquet manifests only (input=parquet)")
-        if self.kind == "folder" and self.keep_columns:
-            raise ConfigError("input.keep_columns applies to parquet manifests and WebDataset tars (input=parquet, input=webdataset)")
-
-
-OUTPUT_MODES = ("resume", "overwrite", "error")
-COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
+        if self.kind == InputKind.folder and self.keep_columns:
+            raise ConfigError(
+                "input.keep_columns applies to parquet manifests and WebDataset tars (input=parquet, input=webdataset)"
+            )
 
 
 @dataclass
 class OutputConfig:
-    dir: str | None = None  # default: the Hydra run folder under outputs/
-    # resume: skip items already in committed parts; overwrite: start clean; error: refuse if output exists.
-    mode: str = "resume"
-    rows_per_file: int = 1000  # a part file is committed after this many rows...
-    flush_seconds: float = 300.0  # ...or this long after its first row, whichever comes first
-    compression: str = "zstd"
+    dir: str | None = opt(None, "The output folder, local or a URI (s3://bucket/prefix); null = the Hydra run folder.")
+    mode: OutputMode = opt(
+        OutputMode.resume,
+        "resume: skip items already committed; overwrite: start clean; error: refuse a folder with parts.",
+    )
+    rows_per_file: int = opt(1000, "A part file is committed after this many rows...")
+    flush_seconds: float = opt(300.0, "...or this many seconds after its first row, whichever comes first.")
+    compression: Compression = opt(Compression.zstd, "Parquet compression of the parts.")
 
     def validate(self) -> None:
-        if self.mode not in OUTPUT_MODES:
-            raise ConfigError(f"output.mode={self.mode!r} is not one of {', '.join(OUTPUT_MODES)}")
         if self.rows_per_file < 1:
             raise ConfigError(f"output.rows_per_file={self.rows_per_file} must be >= 1")
         if self.flush_seconds <= 0:
             raise ConfigError(f"output.flush_seconds={self.flush_seconds} must be > 0")
-        if self.compression not in COMPRESSIONS:
-            raise ConfigError(f"output.compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
 
 
 @dataclass
 class PreviewConfig:
-    enabled: bool = False
-    max_side: int = 768  # longest side of a preview, in pixels
-    quality: int = 90  # JPEG quality
+    enabled: bool = opt(False, "Write a JPEG per image with its boxes and phrases under <output.dir>/_previews/.")
+    max_side: int = opt(768, "Longest side of a preview, in pixels.")
+    quality: int = opt(90, "JPEG quality of the previews.")
 
     def validate(self) -> None:
         if self.max_side < 16:
             raise ConfigError(f"preview.max_side={self.max_side} must be >= 16")
 
 
-TASKS = ("caption", "describe", "ground")
-GROUND_PROMPT = "<grounding><phrase> {phrase}</phrase>"  # Kosmos-2's referring-expression format
-
-
 @dataclass
 class TaskConfig:
-    kind: str = "caption"  # caption | describe | ground (set by the task group)
-    # task=ground: the phrases to find in every image (a class list), unless input.phrases_column gives them.
-    phrases: list[str] = field(default_factory=list)
-
-    def validate(self) -> None:
-        if self.kind not in TASKS:
-            raise ConfigError(f"task.kind={self.kind!r} is not one of {', '.join(TASKS)}")
+    kind: TaskKind = opt(TaskKind.caption, "caption, describe or ground (set by the task group: task=ground).")
+    phrases: list[str] = opt(
+        [], "task=ground: the phrases to find in every image, unless input.phrases_column gives them."
+    )
 
 
 @dataclass
 class RunConfig:
-    # Abort (keeping committed work) once more than this fraction of items failed; null = never.
-    max_error_rate: float | None = None
-    # ...judged only after this many items, so a few early failures do not stop a run.
-    error_rate_min_items: int = 50
+    max_error_rate: float | None = opt(
+        None, "Abort (keeping committed work, exit 3) once more than this fraction of items failed; null = never."
+    )
+    error_rate_min_items: int = opt(
+        50, "...judged only after this many items, so a few early failures do not stop a run."
+    )
 
     def validate(self) -> None:
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
@@ -233,26 +265,140 @@ class RunConfig:
 
 @dataclass
 class AppConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    input: InputConfig = field(default_factory=InputConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    preview: PreviewConfig = field(default_factory=PreviewConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    prompt: str = "<grounding>An image of"
+    """kosmos-annotate."""
+
+    model: ModelConfig = opt(ModelConfig(), "The checkpoint and its OpenVINO export.")
+    engine: EngineConfig = opt(EngineConfig(), "OpenVINO inference and generation.")
+    input: InputConfig = opt(InputConfig(), "What to annotate.")
+    output: OutputConfig = opt(OutputConfig(), "Where the parquet parts go.")
+    preview: PreviewConfig = opt(PreviewConfig(), "Images with their boxes drawn.")
+    run: RunConfig = opt(RunConfig(), "When to give up.")
+    task: TaskConfig = opt(TaskConfig(), "What to ask the model.")
+    prompt: str | None = opt(
+        None, "The prompt of rows that bring none; null = the task's own (pipeline/model/prompt.py)."
+    )
 
     def validate(self) -> None:
-        for part in (self.model, self.engine, self.input, self.output, self.preview, self.run, self.task):
+        for part in (self.model, self.engine, self.input, self.output, self.preview, self.run):
             part.validate()
-        if self.task.kind == "ground" and not (self.task.phrases or self.input.phrases_column):
+        if self.task.kind == TaskKind.ground and not (self.task.phrases or self.input.phrases_column):
             raise ConfigError("task=ground needs phrases: task.phrases=[dog,cat] or input.phrases_column=<column>")
-        if not self.prompt.strip():
-            raise ConfigError("prompt is empty")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("prompt is empty: give one, or prompt=null for the task's own")
 
 
-def register() -> None:
-    ConfigStore.instance().store(name="schema", node=AppConfig)
+@dataclass
+class ExportConfig:
+    """kosmos-export."""
+
+    model: ModelConfig = opt(ModelConfig(), "The checkpoint and its OpenVINO export.")
+    engine: EngineConfig = opt(EngineConfig(), "The device and threads of the export's check.")
+    verify: bool = opt(
+        False, "Check an existing export against transformers again (loads the checkpoint; exit 4 if it disagrees)."
+    )
 
 
-register()
+@dataclass
+class LabelStudioOptions:
+    document_root: str | None = opt(
+        None, "Label Studio's LOCAL_FILES_DOCUMENT_ROOT: images as /data/local-files/?d=<path under it>."
+    )
+    url_prefix: str | None = opt(None, "Or where the images are served (http(s)://, s3://): <prefix>/<id>.")
+
+
+@dataclass
+class YoloOptions:
+    confidence: bool = opt(False, "A sixth column with the box's score (class cx cy w h conf).")
+
+
+@dataclass
+class LabelsConfig:
+    """kosmos-labels."""
+
+    output: OutputConfig = opt(OutputConfig(), "output.dir: the kosmos-annotate output folder to read.")
+    format: LabelFormat = opt(LabelFormat.coco, "coco, coco_results, labelstudio or yolo.")
+    dest: str | None = opt(None, "Where to write: a file (coco, coco_results, labelstudio) or a folder (yolo).")
+    classes: list[str] = opt(
+        [], "Categories, in this order; other phrases are left out. Empty = every distinct phrase."
+    )
+    min_score: float = opt(0.0, "Leave out boxes scoring below this.")
+    labelstudio: LabelStudioOptions = opt(LabelStudioOptions(), "Where Label Studio fetches each task's image.")
+    yolo: YoloOptions = opt(YoloOptions(), "YOLO options.")
+
+    def validate(self) -> None:
+        if not 0 <= self.min_score <= 1:
+            raise ConfigError(f"min_score={self.min_score} must be between 0 and 1")
+        if self.labelstudio.document_root and self.labelstudio.url_prefix:
+            raise ConfigError("set labelstudio.document_root or labelstudio.url_prefix, not both")
+
+
+@dataclass
+class GalleryOptions:
+    page_size: int = opt(100, "Rows per page.")
+    thumb_side: int = opt(320, "Longest side of a thumbnail, in pixels.")
+
+
+@dataclass
+class GalleryConfig:
+    """kosmos-gallery."""
+
+    output: OutputConfig = opt(OutputConfig(), "output.dir: the (local) kosmos-annotate output folder to show.")
+    gallery: GalleryOptions = opt(GalleryOptions(), "The page.")
+
+    def validate(self) -> None:
+        if self.gallery.page_size < 1 or self.gallery.thumb_side < 16:
+            raise ConfigError("gallery.page_size must be >= 1 and gallery.thumb_side >= 16")
+
+
+@dataclass
+class StatusConfig:
+    """kosmos-status."""
+
+    output: OutputConfig = opt(OutputConfig(), "output.dir: the kosmos-annotate output folder to report on.")
+    json: bool = opt(False, "Print one JSON object instead of the table.")
+    count_input: bool = opt(True, "Count the recorded input's items, for done / total and the time left.")
+    stall_seconds: float = opt(1800.0, "A running shard without a commit for this long is stalled (exit 5).")
+
+
+def plain(cfg: Any) -> Any:
+    """A config as JSON-ready values: Enums by their value (as the YAML spells them)."""
+
+    def convert(value):
+        if isinstance(value, Enum):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(asdict(cfg))
+
+
+def build(schema: type[T], values: dict[str, Any] | None = None) -> T:
+    """`schema` with `values` (dotted keys, as on the command line: {"engine.batch_size": 16}) checked
+    as Hydra checks them: a misspelt key or a value of the wrong type is a ConfigError naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = OmegaConf.structured(schema)
+    for key, value in (values or {}).items():
+        try:
+            OmegaConf.update(cfg, key, value.value if isinstance(value, Enum) else value, merge=True, force_add=False)
+        except OmegaConfBaseException as e:
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"{key}={value!r}: {reason}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def help_lines(schema: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) of every leaf key of `schema`: the configuration reference."""
+    out = []
+    for f in fields(schema):
+        default = f.default_factory() if f.default is MISSING else f.default
+        key = f"{prefix}{f.name}"
+        if is_dataclass(default):
+            out += help_lines(type(default), key + ".")
+        else:
+            out.append((key, str(f.type), default, f.metadata.get("help", "")))
+    return out

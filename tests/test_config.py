@@ -1,7 +1,10 @@
-"""Every config group composes into the typed schema; typos and bad values fail early, by name."""
+"""Every config group composes into the typed schema; typos and bad values fail early, by name; every
+key has a help line, for the generated reference."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -9,14 +12,18 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipeline.config import AppConfig, ConfigError, EngineConfig, InputConfig, ModelConfig, OutputConfig
+from pipeline import hardware
+from pipeline.annotate.run import check_positions
+from pipeline.annotate.tasks import task_prompt
+from pipeline.cli import CONF_DIR, SCHEMAS
+from pipeline.config import AppConfig, Compression, EngineConfig, InputConfig, ModelConfig, help_lines
+from pipeline.errors import ConfigError
+from pipeline.model.runtime import precision
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
-
-def load(*overrides: str) -> AppConfig:
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+def load(*overrides: str, name: str = "config"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return OmegaConf.to_object(compose(name, overrides=list(overrides)))
 
 
 def test_defaults():
@@ -24,26 +31,32 @@ def test_defaults():
     assert isinstance(cfg, AppConfig)
     assert cfg.model == ModelConfig()
     assert cfg.engine == EngineConfig()
-    assert cfg.prompt == "<grounding>An image of"
-    assert cfg.engine.max_new_tokens == 128 and cfg.engine.num_requests == 0
+    assert task_prompt(cfg) == "<grounding>An image of"
+    assert cfg.engine.max_new_tokens == 128 and cfg.engine.num_requests is None
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_command_composes_into_its_schema(name):
+    assert isinstance(load(name=name), SCHEMAS[name])
 
 
 def test_tasks_set_prompt_and_length():
-    assert load("task=describe").prompt == "<grounding>Describe this image in detail:"
+    assert task_prompt(load("task=describe")) == "<grounding>Describe this image in detail:"
     assert load("task=describe").engine.max_new_tokens == 256
     assert load("task=describe", "engine.max_new_tokens=64").engine.max_new_tokens == 64
-    assert load("task=caption").prompt == load().prompt == "<grounding>An image of"
+    assert task_prompt(load("task=caption")) == task_prompt(load()) == "<grounding>An image of"
+    assert task_prompt(load("task=describe", "prompt='<grounding>A photo of'")) == "<grounding>A photo of"
 
 
 def test_every_group_option_composes():
     for group in ("model", "engine", "input", "output", "preview", "task"):
-        for option in sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml")):
+        for option in sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")):
             load(f"{group}={option}")
 
 
 def test_overrides_are_typed():
-    cfg = load("engine.batch_size=4", "model.weight_format=int4", "prompt='<grounding>A photo of'")
-    assert cfg.engine.batch_size == 4 and cfg.model.weight_format == "int4"
+    cfg = load("engine.batch_size=4", "model.weight_format=int4", "prompt='<grounding>A photo of'", "input=parquet")
+    assert cfg.engine.batch_size == 4 and cfg.model.weight_format == "int4" and cfg.input.kind == "parquet"
     assert cfg.prompt == "<grounding>A photo of"
     with pytest.raises(ConfigCompositionException, match="engine.batch_size"):
         load("engine.batch_size=four")
@@ -55,16 +68,38 @@ def test_misspelt_key_fails_with_its_name():
 
 
 @pytest.mark.parametrize(
+    "override",
+    [
+        "model.weight_format=int3",
+        "engine.precision=fp8",
+        "engine.precision=auto",
+        "output.compression=zstandard",
+        "output.mode=append",
+        "task.kind=count",
+        "input.kind=csv",
+        "model.quantize_text_decoder=maybe",
+    ],
+)
+def test_a_choice_outside_its_list_fails_with_its_key_and_the_choices(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigCompositionException) as e:
+        load(override)
+    cause = str(e.value.__cause__ or e.value)
+    assert key.split(".")[-1] in str(e.value) + cause and value in cause
+
+
+@pytest.mark.parametrize(
     "cfg, key",
     [
-        (ModelConfig(weight_format="int3"), "model.weight_format"),
-        (EngineConfig(precision="fp8"), "engine.precision"),
         (EngineConfig(max_new_tokens=0), "engine.max_new_tokens"),
         (EngineConfig(min_new_tokens=200), "engine.min_new_tokens"),
+        (EngineConfig(batch_size=0), "engine.batch_size"),
         (EngineConfig(batch_size=-1), "engine.batch_size"),
-        (OutputConfig(compression="zstandard"), "output.compression"),
+        (EngineConfig(threads=0), "engine.threads"),
         (InputConfig(path="photos", phrases_column="classes"), "input.phrases_column"),
         (InputConfig(path="photos", prompt_column="q"), "input.prompt_column"),
+        (InputConfig(path="photos", decode_threads=0), "input.decode_threads"),
+        (ModelConfig(weight_format="fp16", quantize_text_decoder=True), "model.quantize_text_decoder"),
     ],
 )
 def test_bad_values_name_their_key(cfg, key):
@@ -77,47 +112,59 @@ def test_every_compression_listed_writes(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.config import COMPRESSIONS
-
-    for codec in COMPRESSIONS:
-        pq.write_table(pa.table({"a": [1]}), tmp_path / f"{codec}.parquet", compression=codec)
+    for codec in Compression:
+        pq.write_table(pa.table({"a": [1]}), tmp_path / f"{codec}.parquet", compression=str(codec))
 
 
-@pytest.mark.parametrize("device, ok", [("CPU", True), ("AUTO:CPU", True), ("NPU", False), ("GPU.3", False), ("AUTO:CPU,FPGA", False)])
+@pytest.mark.parametrize("schema", sorted(SCHEMAS.values(), key=lambda s: s.__name__), ids=lambda s: s.__name__)
+def test_every_key_has_a_help_line(schema):
+    """The configuration reference is generated from these lines: a key without one would be a hole in it."""
+
+    def missing(schema: type, prefix: str = "") -> list[str]:
+        out = []
+        for f in fields(schema):
+            out += [] if f.metadata.get("help", "").strip() else [prefix + f.name]
+            default = f.default_factory() if f.default is MISSING else f.default
+            out += missing(type(default), f"{prefix}{f.name}.") if is_dataclass(default) else []
+        return out
+
+    assert help_lines(schema) and missing(schema) == []
+
+
+@pytest.mark.parametrize(
+    "device, ok", [("CPU", True), ("AUTO:CPU", True), ("NPU", False), ("GPU.3", False), ("AUTO:CPU,FPGA", False)]
+)
 def test_unknown_devices_are_refused_by_name(device, ok):
-    from pipeline.model import check_device
-
     if ok:
-        check_device(EngineConfig(device=device))
+        hardware.check_device(EngineConfig(device=device))
     else:
         with pytest.raises(ConfigError, match=r"engine\.device=.*it lists CPU"):
-            check_device(EngineConfig(device=device))
+            hardware.check_device(EngineConfig(device=device))
 
 
-@pytest.mark.parametrize("capabilities, ok", [(("FP32", "BF16", "INT8"), True), (("FP32", "INT8"), False), (None, True)])
+@pytest.mark.parametrize(
+    "capabilities, ok", [(("FP32", "BF16", "INT8"), True), (("FP32", "INT8"), False), (None, True)]
+)
 def test_bf16_is_refused_where_the_device_computes_none(monkeypatch, capabilities, ok):
     """On a CPU without AVX-512 BF16 or AMX (an AVX2-only AMD EPYC), OpenVINO's paged attention refused
     the bf16 KV cache at compile time with an internal check; now the config is refused by name. A
     device that reports no capabilities (AUTO:...) is left to OpenVINO."""
-    from pipeline import model
-
-    monkeypatch.setattr(model, "_capabilities", lambda device: capabilities)
+    monkeypatch.setattr(hardware, "capabilities", lambda device: capabilities)
     for cfg in (EngineConfig(precision="f32"), EngineConfig()):
-        model.check_device(cfg)
+        hardware.check_device(cfg)
     if ok:
-        model.check_device(EngineConfig(precision="bf16"))
+        hardware.check_device(EngineConfig(precision="bf16"))
     else:
-        with pytest.raises(ConfigError, match=r"engine\.precision=bf16: CPU on this machine computes no bf16 .* use engine\.precision=auto"):
-            model.check_device(EngineConfig(precision="bf16"))
+        with pytest.raises(
+            ConfigError,
+            match=r"engine\.precision=bf16: CPU on this machine computes no bf16 .* use engine\.precision=null",
+        ):
+            hardware.check_device(EngineConfig(precision="bf16"))
         with pytest.raises(ConfigError, match=r"engine\.precision=bf16"):  # what KosmosModel resolves first
-            model.precision(EngineConfig(precision="bf16"), Path("no-export-needed"))
+            precision(EngineConfig(precision="bf16"), Path("no-export-needed"))
 
 
 def test_max_new_tokens_must_fit_the_position_table(tmp_path):
-    import json
-
-    from pipeline.run import check_positions
-
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 512}}))
     check_positions(EngineConfig(max_new_tokens=445), tmp_path)
     with pytest.raises(ConfigError, match=r"engine\.max_new_tokens=446 does not fit the model's 512 positions"):

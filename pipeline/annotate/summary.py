@@ -1,0 +1,108 @@
+"""A run's summary: counts, timings and score quantiles, rewritten at every part commit so that
+`kosmos-status` and a scheduled job can read where the run stands; and when to give up."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.config import RunConfig
+from pipeline.errors import RunAborted
+from pipeline.records import error_kind
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Summary:
+    # running (rewritten at every part commit) | finished | aborted | failed; a run killed outright
+    # stays `running`: kosmos-status then looks at its pid and its last commit.
+    status: str = "running"
+    started_at: str = ""
+    updated_at: str = ""
+    host: str = ""
+    pid: int = 0
+    items: int = 0  # rows written by this run
+    errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # already in committed parts (resume)
+    entities: int = 0
+    boxes: int = 0
+    generated_tokens: int = 0
+    images_encoded: int = 0  # by the vision tower (task=ground encodes an image once for all its phrases)
+    wall_seconds: float = 0.0
+    load_seconds: float = 0.0  # export check, compile, first start
+    images_per_s: float = 0.0  # rows per second once the model is loaded
+    # Quantiles of box, entity and caption scores (caption: the geometric mean of its tokens'
+    # probabilities), so a scheduled job can see a batch of images scoring lower than usual.
+    scores: dict[str, dict] = field(default_factory=dict)
+    # Busy seconds per stage (threads overlap, so they can add up to more than the wall time).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    output_dir: str = ""
+    shard: str = "0/1"
+    parts: list[str] = field(default_factory=list)
+    model: str = ""
+    weight_format: str = ""
+
+    def add(self, row: dict) -> None:
+        """Count a row about to be committed."""
+        self.items += 1
+        if row["error"] is not None:
+            self.errors += 1
+            kind = error_kind(row["error"])
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+        self.entities += len(row["entities"] or [])
+        self.boxes += sum(len(e["boxes"]) for e in row["entities"] or [])
+        self.generated_tokens += len(row["token_ids"] or [])
+
+
+def check_error_rate(cfg: RunConfig, summary: Summary) -> None:
+    """Abort once more than run.max_error_rate of the items failed (after run.error_rate_min_items)."""
+    rate = cfg.max_error_rate
+    if rate is None or summary.items < cfg.error_rate_min_items:
+        return
+    if summary.errors > rate * summary.items:
+        raise RunAborted(
+            f"{summary.errors} of {summary.items} items failed, over run.max_error_rate={rate} "
+            f"({', '.join(f'{k}: {n}' for k, n in summary.errors_by_kind.items())}); committed parts are kept "
+            "and a rerun resumes after them"
+        )
+
+
+class ScoreQuantiles:
+    """Quantiles of the run's scores in constant memory: histograms of 1000 bins over [0, 1]."""
+
+    BINS = 1000
+    QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+    def __init__(self):
+        self.counts = {kind: np.zeros(self.BINS, np.int64) for kind in ("box", "entity", "caption")}
+
+    def add(self, row: dict) -> None:
+        for entity in row["entities"] or []:
+            self._add("entity", entity["score"])
+            for box in entity["boxes"]:
+                self._add("box", box["score"])
+        if row["token_logprobs"]:
+            self._add("caption", math.exp(row["caption_logprob"] / len(row["token_logprobs"])))
+
+    def _add(self, kind: str, value: float | None) -> None:
+        if value is not None:
+            self.counts[kind][min(int(value * self.BINS), self.BINS - 1)] += 1
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for kind, counts in self.counts.items():
+            n = int(counts.sum())
+            cumulative = np.cumsum(counts)
+            quantiles = {
+                f"p{round(q * 100):02d}": round((np.searchsorted(cumulative, q * n) + 0.5) / self.BINS, 4)
+                for q in self.QUANTILES
+            }
+            out[kind] = {"count": n, **(quantiles if n else {})}
+        return out

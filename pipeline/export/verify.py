@@ -1,0 +1,279 @@
+"""An export checks itself against transformers, on the weights it exported.
+
+Three photos ship inside the package (`pipeline/export/samples/`, licences beside them), captioned with the
+default prompt by transformers' Kosmos-2 (fp32, the checkpoint as loaded, each image alone, greedy)
+and by the exported graphs:
+- with the export's weight format and the default engine settings (what a run uses unless told
+  otherwise): how many captions are the same token for token, where the first differing token is,
+  and whether the entities and their boxes are the same;
+- fp32 weights only, computing in f32, fed transformers' tokens (teacher forcing): the largest
+  difference of any logit over the prompt and the first FORCED_STEPS steps (compressed weights differ
+  by design; their captions are the test);
+- the run's own processor (pipeline/model/processor.py) against transformers' on this checkpoint's
+  tokenizer: the tasks' prompt ids, the photos' pixel values, the captions' text. Any difference
+  fails the check: the tests hold it to transformers' on a tokenizer of their own, this on the
+  user's.
+
+The result is written into the export's `manifest.json` (`verification`) and printed as one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import EngineConfig, Precision
+from pipeline.engine import Engine, Request
+from pipeline.engine.runner import Runner
+from pipeline.model import prompt as prompts
+from pipeline.model.export_folder import holds_static_decoder
+from pipeline.model.grounding import EOI_TOKEN, parse
+from pipeline.model.runtime import KosmosModel
+
+log = logging.getLogger(__name__)
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+PROMPT = prompts.CAPTION
+MAX_NEW_TOKENS = 64  # real captions of this prompt end well before; a caption is compared up to here
+# Teacher-forced steps per caption: a conversion error shows at every step, and each f32 step reads
+# every fp32 weight.
+FORCED_STEPS = 16
+
+
+@dataclass
+class Verification:
+    weight_format: str
+    static_text_decoder: bool  # the decoder's activations int8 at calibrated scales (model.quantize_text_decoder)
+    precision: str  # what an unset engine.precision resolved to on this machine
+    dynamic_quantization_group_size: int
+    images: list[str]
+    identical: int  # captions equal to transformers' token for token (end of sequence included)
+    first_difference: list[int | None]  # per image: index of the first differing token, None if none
+    entities_equal: int  # captions whose entities (phrases and boxes) equal transformers'
+    max_logit_diff_f32: float | None  # teacher-forced, computing in f32; fp32 weights only
+    processor_differences: list[str]  # where the run's processor differs from transformers' (none expected)
+    min_identical: float  # the threshold: the fraction of identical captions required
+    passed: bool
+    seconds: float
+    reference: str = "transformers Kosmos2ForConditionalGeneration, fp32, each image alone, greedy"
+    prompt: str = PROMPT
+    max_new_tokens: int = MAX_NEW_TOKENS
+    forced_steps: int = FORCED_STEPS
+    verified_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def line(self) -> str:
+        n = len(self.images)
+        forced = (
+            ""
+            if self.max_logit_diff_f32 is None
+            else f"; f32 teacher-forced: largest logit difference {self.max_logit_diff_f32:.2g}"
+        )
+        differs = (
+            f"; THE RUN'S PROCESSOR DIFFERS from transformers' in: {', '.join(self.processor_differences)}"
+            if self.processor_differences
+            else ""
+        )
+        return (
+            f"{self.weight_format} weights{', static int8 text decoder' if self.static_text_decoder else ''}, "
+            f"precision {self.precision} (engine defaults): {self.identical} of {n} sample "
+            f"captions identical to transformers fp32, entities and boxes equal in {self.entities_equal} of {n}"
+            f"{forced}{differs} ({self.seconds:.0f} s)"
+        )
+
+
+def sample_images() -> list[Path]:
+    return sorted(p for p in SAMPLES.iterdir() if p.suffix == ".jpg")
+
+
+def verify(
+    export: Path, model, processor, weight_format: str, engine: EngineConfig, min_identical: float
+) -> Verification:
+    """Compare the export in `export` with `model` (transformers, fp32) on the sample photos.
+
+    `engine` gives the device and threads; every setting that changes tokens is the default.
+    transformers does not generate each caption step by step: one forward pass over the export's
+    caption gives its logits at every step, and where its greedy choice is the export's token at
+    every step, that caption is exactly what its greedy generation says. Only an image where they
+    differ is generated by transformers (half the time of generating every caption)."""
+    from PIL import Image
+
+    started = time.perf_counter()
+    images = []
+    for path in sample_images():
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    defaults = replace(
+        EngineConfig(),
+        device=engine.device,
+        threads=engine.threads,
+        cache_dir=engine.cache_dir,
+        shards_per_machine=engine.shards_per_machine,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    kosmos = KosmosModel(export, defaults)
+    pixels = [kosmos.processor.pixel_values(im) for im in images]  # the export's own processor, as a run
+    captions = _captions(kosmos, pixels)
+    resolved = str(kosmos.precision)
+    processor_differences = _processor_differences(kosmos, processor, images, pixels, captions)
+    del kosmos  # one compiled model in memory at a time, beside transformers'
+
+    refs, first_difference = [], []
+    for image, (prompt_ids, ids) in zip(images, captions):
+        logits = _forward_logits(model, processor, image, ids)
+        differs = _first_difference(logits.argmax(axis=-1).tolist(), ids)
+        if differs is not None:  # transformers says something else: its own caption, generated
+            ref_ids, logits = _generate(model, processor, image)
+            differs, ids = _first_difference(ref_ids, ids), ref_ids
+        refs.append((prompt_ids, ids, logits))
+        first_difference.append(differs)
+    entities_equal = sum(
+        d is None or _entities(processor, p, ids) == _entities(processor, p, mine)
+        for d, (p, ids, _), (_, mine) in zip(first_difference, refs, captions)
+    )
+
+    logit_diff = None
+    if weight_format == "fp32":
+        f32 = KosmosModel(export, replace(defaults, precision=Precision.f32))
+        logit_diff = _teacher_forced_diff(f32, pixels, [(ids, logits) for _, ids, logits in refs])
+    identical = sum(d is None for d in first_difference)
+    return Verification(
+        weight_format=weight_format,
+        static_text_decoder=holds_static_decoder(export),
+        precision=resolved,
+        dynamic_quantization_group_size=defaults.dynamic_quantization_group_size,
+        images=[p.name for p in sample_images()],
+        identical=identical,
+        first_difference=first_difference,
+        entities_equal=entities_equal,
+        max_logit_diff_f32=logit_diff,
+        processor_differences=processor_differences,
+        min_identical=min_identical,
+        passed=identical >= min_identical * len(images) and not processor_differences,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    """Where two token lists first differ (one ending early counts), None where they are equal."""
+    if a == b:
+        return None
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _captions(kosmos, pixels) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, generated ids with end-of-sequence when it ended there) of each image, by the export."""
+    requests = [Request(p, PROMPT) for p in pixels]
+    return [
+        ([int(i) for i in gen.prompt_ids], gen.token_ids + ([kosmos.eos_token_id] if gen.stopped_by_eos else []))
+        for gen in Engine(kosmos, kosmos.cfg).generate(requests)
+    ]
+
+
+def _processor_differences(kosmos, processor, images, pixels, captions) -> list[str]:
+    """What the run's processor makes differently from transformers' `processor`: prompt ids and image
+    mask of each task's prompt, pixel values of each photo, the text of each caption."""
+    found = []
+    for prompt in [prompts.CAPTION, prompts.DESCRIBE, prompts.ground("a dog")]:
+        enc, mine = processor(text=prompt, images=images[0]), kosmos.encode_prompt(prompt)
+        if (
+            mine.input_ids.tolist() != enc["input_ids"]
+            or mine.image_mask.astype(int).tolist() != enc["image_embeds_position_mask"]
+        ):
+            found.append(f"prompt ids of {prompt!r}")
+    for path, image, mine in zip(sample_images(), images, pixels):
+        if not np.array_equal(mine, processor.image_processor(image, return_tensors="np")["pixel_values"][0]):
+            found.append(f"pixel values of {path.name}")
+    for path, (prompt_ids, ids) in zip(sample_images(), captions):
+        after = kosmos.ids_after_image(prompt_ids, ids)
+        if kosmos.decode(after) != processor.tokenizer.decode(after, skip_special_tokens=True):
+            found.append(f"the text of {path.name}'s caption")
+    return found
+
+
+def _inputs(processor, image, ids: list[int]) -> dict:
+    """transformers' inputs for the prompt followed by `ids` (teacher forcing)."""
+    import torch
+
+    enc = processor(text=PROMPT, images=image, return_tensors="pt")
+    extra = torch.tensor([ids], dtype=enc["input_ids"].dtype)
+    return {
+        "pixel_values": enc["pixel_values"],
+        "input_ids": torch.cat([enc["input_ids"], extra], dim=1),
+        "attention_mask": torch.ones(1, enc["input_ids"].shape[1] + len(ids), dtype=torch.long),
+        "image_embeds_position_mask": torch.cat([enc["image_embeds_position_mask"], torch.zeros_like(extra)], dim=1),
+    }
+
+
+def _forward_logits(model, processor, image, ids: list[int]) -> np.ndarray:
+    """transformers' logits for each of `ids` given the prompt and the ids before it: [len(ids), vocab]."""
+    import torch
+
+    inputs = _inputs(processor, image, ids[:-1])
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    prompt = inputs["input_ids"].shape[1] - (len(ids) - 1)
+    return logits[prompt - 1 :].float().numpy()
+
+
+def _generate(model, processor, image) -> tuple[list[int], np.ndarray]:
+    """transformers alone on one image, greedy: new ids (end of sequence included) and each step's logits."""
+    import torch
+
+    enc = _inputs(processor, image, [])
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    return out.sequences[0, enc["input_ids"].shape[1] :].tolist(), torch.stack(out.logits)[:, 0].float().numpy()
+
+
+def _entities(processor, prompt_ids: list[int], ids: list[int]) -> list:
+    eoi = processor.tokenizer.convert_tokens_to_ids(EOI_TOKEN)
+    text = processor.tokenizer.decode(prompt_ids[prompt_ids.index(eoi) :] + ids, skip_special_tokens=True)
+    return [(e.phrase, e.boxes) for e in parse(text)[1]]
+
+
+def _teacher_forced_diff(kosmos, pixels, refs: list[tuple[list[int], np.ndarray]]) -> float:
+    """Largest |logit - transformers' logit| over the prompt and the first FORCED_STEPS steps of
+    transformers' captions, the images in one batch fed their own caption's tokens."""
+    decoder = Runner(kosmos, FORCED_STEPS, len(pixels))
+    work = [(i, Request(p, PROMPT)) for i, p in enumerate(pixels)]
+    for _, request in work:
+        decoder.reserve([request])
+    rows, logits = decoder.admit(work)
+    indices, step, worst = list(range(len(pixels))), 0, 0.0
+    while True:
+        for j, i in enumerate(indices):
+            worst = max(worst, float(np.abs(logits[j] - refs[i][1][step]).max()))
+        keep = [j for j, i in enumerate(indices) if step + 1 < min(len(refs[i][0]), FORCED_STEPS + 1)]
+        if not keep:
+            return worst
+        rows, indices = [rows[j] for j in keep], [indices[j] for j in keep]
+        logits = decoder.step(rows, np.array([refs[i][0][step] for i in indices]))
+        step += 1
+
+
+def report(result: Verification) -> None:
+    """One line when the export agrees; a warning that cannot be missed when it does not."""
+    if result.passed:
+        log.info("Export verified: %s", result.line())
+        return
+    log.warning(
+        "\n" + "!" * 100 + "\nEXPORT DISAGREES WITH TRANSFORMERS: %s\nonly %d of %d captions identical, below "
+        "model.min_identical=%s. Its labels may not be what the checkpoint says: check model.source and "
+        "model.revision, export again (model.quantize_image_encoder=false quantises the image encoder's weights only, "
+        "model.quantize_text_decoder=false the text decoder's, "
+        "model.weight_format=fp32 compresses nothing), or run with engine.precision=f32.\n" + "!" * 100,
+        result.line(),
+        result.identical,
+        len(result.images),
+        result.min_identical,
+    )
+
+
+def as_record(result: Verification) -> dict:
+    return {**asdict(result), "summary": result.line()}

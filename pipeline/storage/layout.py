@@ -1,0 +1,75 @@
+"""Every name in an output folder, in one place.
+
+An output folder is itself the dataset: `part-<shard>-<n>.parquet` files, and everything else under a
+name starting with `_` or `.`, which parquet readers skip, so `pandas.read_parquet(folder)` reads it
+as one table.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pipeline.errors import ConfigError
+from pipeline.storage.files import Folder
+
+PART = re.compile(r"^part-(\d{5})-(\d{5,})\.parquet$")
+SETTINGS = "_settings.json"  # the settings that change what a row says: one result set per folder
+SUMMARY = "_summary.json"  # a single run's summary; shards write _summary-<shard>.json
+PREVIEWS = "_previews"
+GALLERY = "_gallery"
+SETTINGS_LOCK = ".lock-settings"  # local: shards prepare the folder one at a time
+SETTINGS_LEASE = ".lease-settings.json"  # the same in object storage
+
+
+def part_name(shard: int, number: int) -> str:
+    return f"part-{shard:05d}-{number:05d}.parquet"
+
+
+def unfinished_part_prefix(shard: int) -> str:
+    """What the temporary files of a shard's parts start with (storage.files.atomic names them)."""
+    return f".part-{shard:05d}-"
+
+
+def part_shard(name: str) -> int:
+    return int(PART.match(name).group(1))
+
+
+def part_number(name: str) -> int:
+    return int(PART.match(name).group(2))
+
+
+def summary_name(shard: int, num_shards: int) -> str:
+    return f"_summary-{shard:05d}.json" if num_shards > 1 else SUMMARY
+
+
+def is_summary(name: str) -> bool:
+    return name.startswith("_summary") and name.endswith(".json")
+
+
+def lock_name(shard: int) -> str:
+    return f".lock-{shard:05d}"
+
+
+def lease_name(shard: int) -> str:
+    return f".lease-{shard:05d}.json"
+
+
+def hydra_record(shard: int, num_shards: int) -> str:
+    """Hydra's `.hydra/` record of the run that made the folder (one per shard)."""
+    return ".hydra" if num_shards == 1 else f".hydra-{shard:05d}"
+
+
+def committed_parts(folder: Folder, shard: int | None = None) -> list[str]:
+    """The names of the folder's committed parts (of one shard), in order."""
+    parts = [name for name in folder.names() if PART.match(name)]
+    return parts if shard is None else [p for p in parts if part_shard(p) == shard]
+
+
+def existing_output(location: str | None) -> Folder:
+    """The output folder a reader of results (labels, gallery, status) was pointed at; it must hold parts."""
+    if not location:
+        raise ConfigError("output.dir is not set: point it at a kosmos-annotate output folder")
+    folder = Folder(location)
+    if not committed_parts(folder):
+        raise ConfigError(f"output.dir={location!r} holds no part files: is it a kosmos-annotate output?")
+    return folder

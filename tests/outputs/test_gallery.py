@@ -1,0 +1,55 @@
+"""The gallery: pages, thumbnails, the index of phrases; its page in a browser: tests/e2e/test_gallery_browser.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import GalleryConfig, build
+from pipeline.errors import ConfigError
+from pipeline.outputs.gallery import write_gallery
+from tests.helpers import gallery_of, write_rows
+
+
+@pytest.fixture(scope="module")
+def gallery(trained_checkpoint, trained_export, tmp_path_factory) -> Path:
+    return gallery_of(trained_checkpoint, trained_export, tmp_path_factory)
+
+
+def test_files(gallery):
+    index = json.loads((gallery / "index.js").read_text().removeprefix("const GALLERY = ").rstrip(";\n"))
+    assert index["pages"] == 2 and index["rows"] == 7
+    assert index["phrases"]["a cat"] == [0]
+    assert len(list((gallery / "thumbs").iterdir())) == 6  # every image but the broken one
+    assert all(max(Image.open(t).size) <= 320 for t in (gallery / "thumbs").iterdir())
+
+
+def test_needs_an_output_folder(tmp_path):
+    with pytest.raises(ConfigError, match="holds no part files"):
+        write_gallery(build(GalleryConfig, {"output.dir": str(tmp_path)}))
+
+
+def test_thumbnails_of_phone_photos_are_upright(tmp_path):
+    """The thumbnail is the source image turned by its EXIF orientation, since boxes (drawn by the
+    page in fractions of the image) refer to the upright image."""
+    photo = Image.new("RGB", (120, 80), (0, 0, 0))  # stored landscape, shown portrait (orientation 6)
+    photo.paste((255, 255, 255), (0, 0, 30, 80))  # the stored left edge: the top once turned
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    box = {"x1": 0.0, "y1": 0.0, "x2": 0.5, "y2": 0.25, "score": 0.5}
+    row = {"id": "phone.jpg", "source": str(tmp_path / "phone.jpg"), "width": 80, "height": 120, "prompt": "p",
+           "caption": "a box", "token_ids": [1], "error": None,
+           "entities": [{"phrase": "a box", "start": 0, "end": 5, "score": 0.5, "boxes": [box]}]}
+    out = write_rows(tmp_path / "out", [row])
+    write_gallery(build(GalleryConfig, {"output.dir": str(out)}))
+    (thumb,) = (out / "_gallery" / "thumbs").iterdir()
+    image = np.asarray(Image.open(thumb).convert("L"), dtype=int)
+    assert image.shape[0] > image.shape[1]  # portrait
+    assert image[: image.shape[0] // 4].mean() > 200 and image[image.shape[0] // 2 :].mean() < 30  # the white band on top
+
+
