@@ -1,42 +1,52 @@
 """Captions of real, varying lengths: the project against transformers when rows stop at different steps.
 
-    python bench/real_lengths.py                  # 32 images, 3 rounds (about 12 minutes on 2 cores)
-    python bench/real_lengths.py --images-n 64 --rows 16 32 64 --before ../before   # row counts; an older checkout
-    python bench/real_lengths.py --images-n 64 --rows 0 --fixed 32 --tf-batches 8 32  # fixed lengths, transformers at 32
-    python bench/real_lengths.py --images-n 64 --rows 0 --encoder-weights-only       # and model.quantize_image_encoder=false
-    python bench/real_lengths.py --images-n 64 --rows 0 --admit 2 8 32               # when rows are admitted
-    python bench/real_lengths.py --images-n 64 --rows 0 --decoder-weights-only       # and model.quantize_text_decoder=false
-    python bench/real_lengths.py --images-n 64 --rows 0 --static-decoder             # and model.quantize_text_decoder=true
+    python -m bench.real_lengths                  # 32 images, 3 rounds (about 12 minutes on 2 cores)
+    python -m bench.real_lengths --images-n 64 --rows 16 32 64 --before ../before  # row counts; another checkout
+    python -m bench.real_lengths --images-n 64 --rows 0 --fixed 32 --tf-batches 8 32  # fixed lengths
+    python -m bench.real_lengths --images-n 64 --rows 0 --encoder-weights-only  # model.quantize_image_encoder=false
+    python -m bench.real_lengths --images-n 64 --rows 0 --admit 2 8 32          # when rows are admitted
+    python -m bench.real_lengths --images-n 64 --rows 0 --decoder-weights-only  # model.quantize_text_decoder=false
+    python -m bench.real_lengths --images-n 64 --rows 0 --static-decoder        # model.quantize_text_decoder=true
 
 Random weights never stop on their own, so each image is given a caption length between 8 and 64
 tokens, drawn from its pixel values (the project's and transformers' are equal bit for bit, so both
 systems give an image the same length): end-of-sequence is held back before it and forced at it, per
 row. transformers stops a batch when its longest row stops, as it does for real captions; the project
 lets rows leave the decoder as they stop. Full-size architecture, int8 export for the project, each
-system in its own process, rounds interleaved; medians of seconds per image once loaded, as ratios to
-transformers batch 8 measured in the same run, in bf16 where the CPU computes it, else fp32 (--tf-dtype).
+system in its own process, rounds interleaved; prints medians of seconds per image once loaded, as
+ratios to transformers measured in the same run (bf16 where the CPU computes it, else fp32).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from harness import cpu, run_child, tf_dtype
+from bench.harness import (
+    REPO,
+    argument_parser,
+    child_arguments,
+    child_main,
+    cpu,
+    full_size_checkpoint,
+    full_size_export,
+    optional_bool,
+    photos,
+    run_child,
+    tf_dtype,
+    transformers_child,
+)
+from pipeline.annotate.run import run
+from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig
+from pipeline.engine import core
+from pipeline.model.prompt import CAPTION
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 SHORTEST, LONGEST = 8, 64
-PROMPT = "<grounding>An image of"
 
 
 def length_of(pixel_values: np.ndarray, fixed: int = 0) -> int:
@@ -47,161 +57,172 @@ def length_of(pixel_values: np.ndarray, fixed: int = 0) -> int:
 
 
 def child_project(args) -> dict:
-    from pipeline import engine
-    from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig
-    from pipeline.run import run
+    choose = core.Engine._choose
 
-    choose = engine.Engine._choose
-
-    def forced(self, decoder, feed, rows, logits):
+    def forced(self, runner, feed, rows, logits):
         """Each row ends at its image's length: end-of-sequence held back before it, forced at it."""
         logits, eos = logits.copy(), self.model.eos_token_id
         for j, row in enumerate(rows):
             if not hasattr(row, "wanted"):
                 row.wanted = length_of(row.request.pixel_values, args.fixed)
             logits[j, eos] = 1e4 if row.wanted == len(row.generation.token_ids) else -np.inf
-        return choose(self, decoder, feed, rows, logits)
+        return choose(self, runner, feed, rows, logits)
 
-    engine.Engine._choose = forced
-    if args.admit_divisor:
-        engine.admit_at = lambda batch_size: max(1, batch_size // args.admit_divisor)
+    core.Engine._choose = forced
+    if args.admit_divisor:  # the engine's loop calls admit_at (engine/scheduler.py) by its name in core
+        core.admit_at = lambda batch_size: max(1, batch_size // args.admit_divisor)
     cfg = AppConfig(
-        model=ModelConfig(source=args.checkpoint, dir=args.model_dir, weight_format="int8",
-                          quantize_image_encoder=bool(args.quantize_image_encoder),
-                          quantize_text_decoder=args.quantize_text_decoder),
+        model=ModelConfig(
+            source=args.checkpoint,
+            dir=args.model_dir,
+            weight_format="int8",
+            quantize_image_encoder=args.quantize_image_encoder,
+            quantize_text_decoder=args.quantize_text_decoder,
+        ),
         engine=EngineConfig(batch_size=args.batch_size, max_new_tokens=LONGEST + 1),
         input=InputConfig(path=args.images),
         output=OutputConfig(dir=args.out, mode="overwrite"),
-        prompt=PROMPT,
+        prompt=CAPTION,
     )
     summary = run(cfg, Path(args.out))
-    return {"images": summary.items, "seconds": summary.items / summary.images_per_s, "tokens": summary.generated_tokens}
+    return {
+        "images": summary.items,
+        "seconds": summary.items / summary.images_per_s,
+        "tokens": summary.generated_tokens,
+    }
 
 
-def child_transformers(args) -> dict:
-    import torch
-    from PIL import Image
-    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, LogitsProcessor, LogitsProcessorList
-
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.tf_dtype]
-    model = Kosmos2ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(args.checkpoint)
-    eos = model.config.text_config.eos_token_id
-    paths = sorted(Path(args.images).iterdir())
-
-    class Forced(LogitsProcessor):
-        def __init__(self, lengths, prompt):
-            self.lengths, self.prompt = torch.tensor(lengths), prompt
-
-        def __call__(self, input_ids, scores):
-            made = input_ids.shape[1] - self.prompt
-            scores[self.lengths > made, eos] = -float("inf")
-            scores[self.lengths == made, eos] = 1e4
-            return scores
-
-    start, tokens = time.perf_counter(), 0
-    with torch.inference_mode():
-        for i in range(0, len(paths), args.batch_size):
-            images = [Image.open(p).convert("RGB") for p in paths[i : i + args.batch_size]]
-            enc = processor(text=[PROMPT] * len(images), images=images, return_tensors="pt", padding=True)
-            lengths = [length_of(p.numpy(), args.fixed) for p in enc["pixel_values"]]
-            out = model.generate(
-                pixel_values=enc["pixel_values"].to(dtype), input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"], image_embeds_position_mask=enc["image_embeds_position_mask"],
-                max_new_tokens=LONGEST + 1, do_sample=False,
-                logits_processor=LogitsProcessorList([Forced(lengths, enc["input_ids"].shape[1])]),
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            assert all(int((row == eos).nonzero()[0]) == n for row, n in zip(new, lengths)), "a row did not stop at its length"
-            tokens += sum(lengths)
-    return {"images": len(paths), "seconds": time.perf_counter() - start, "tokens": tokens}
+def child(args) -> dict:
+    if args.child == "tf":
+        return transformers_child(
+            args.checkpoint, args.images, args.tf_dtype, args.batch_size, [CAPTION], lambda p: length_of(p, args.fixed)
+        )
+    return child_project(args)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argument_parser(__spec__.name, __doc__)
     p.add_argument("--images-n", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--rows", type=int, nargs="*", default=[0, 32], help="engine.batch_size values measured (0: the defaults)")
-    p.add_argument("--before", default=None, help="another checkout of the project (a git worktree), run by its own copy of this script")
-    p.add_argument("--child", default=None)
-    p.add_argument("--result", default=None)
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--images", default=None)
-    p.add_argument("--model-dir", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--batch-size", type=int, default=0)
-    p.add_argument("--quantize-image-encoder", type=int, default=1)
-    p.add_argument("--fixed", type=int, default=0, help=f"every caption this many tokens (1 to {LONGEST}) instead of varying lengths")
+    p.add_argument(
+        "--rows", type=int, nargs="*", default=[0, 32], help="engine.batch_size values measured (0: the defaults)"
+    )
+    p.add_argument(
+        "--before", default=None, help="another checkout of the project (a git worktree), run by its own bench package"
+    )
+    p.add_argument(
+        "--fixed",
+        type=int,
+        default=0,
+        help=f"every caption this many tokens (1 to {LONGEST}) instead of varying lengths",
+    )
     p.add_argument("--tf-batches", type=int, nargs="*", default=[8], help="transformers batch sizes measured")
-    p.add_argument("--tf-dtype", default=tf_dtype(), choices=["bf16", "fp32"], help="transformers' precision (default: its best here)")
-    p.add_argument("--admit", type=int, nargs="*", default=[],
-                   help="also run the defaults admitting new rows when batch/D rows are free, for each D (the engine's: 4)")
-    p.add_argument("--admit-divisor", type=int, default=0)
-    p.add_argument("--quantize-text-decoder", default="auto")
-    p.add_argument("--static-decoder", action="store_true",
-                   help="also run the defaults with model.quantize_text_decoder=true (its own export)")
-    p.add_argument("--decoder-weights-only", action="store_true",
-                   help="also run the defaults with model.quantize_text_decoder=false (its own export)")
-    p.add_argument("--encoder-weights-only", action="store_true",
-                   help="also run the defaults with model.quantize_image_encoder=false (its own export)")
+    p.add_argument(
+        "--tf-dtype",
+        default=tf_dtype(),
+        choices=["bf16", "fp32"],
+        help="transformers' precision (default: its best here)",
+    )
+    p.add_argument(
+        "--admit",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run the defaults admitting new rows when batch/D rows are free, for each D (the engine's: 4)",
+    )
+    p.add_argument(
+        "--static-decoder",
+        action="store_true",
+        help="also run the defaults with model.quantize_text_decoder=true (its own export)",
+    )
+    p.add_argument(
+        "--decoder-weights-only",
+        action="store_true",
+        help="also run the defaults with model.quantize_text_decoder=false (its own export)",
+    )
+    p.add_argument(
+        "--encoder-weights-only",
+        action="store_true",
+        help="also run the defaults with model.quantize_image_encoder=false (its own export)",
+    )
+    child_arguments(p)
+    p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--admit-divisor", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--quantize-image-encoder", type=optional_bool, default=True, help=argparse.SUPPRESS)
+    p.add_argument("--quantize-text-decoder", type=optional_bool, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        row = child_transformers(args) if args.child.startswith("tf") else child_project(args)
-        Path(args.result).write_text(json.dumps(row))
+        child_main(args, child)
         return
 
-    from export_full_size import CACHE, full_size_checkpoint
-    from throughput import make_images
-
-    from pipeline.config import ModelConfig
-    from pipeline.export import ensure_export
-
-    checkpoint = str(full_size_checkpoint())
-    model_dir = str(ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8"), weight_format="int8")))
-    weights_only = ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8-encoder-weights"), weight_format="int8",
-                               quantize_image_encoder=False)
-    images = CACHE / f"images-{args.images_n}"
-    if not images.exists():
-        make_images(images, args.images_n)
-    here = str(Path(__file__).resolve())
     assert 0 <= args.fixed <= LONGEST, f"--fixed {args.fixed}: 1 to {LONGEST}"
-    systems = {f"tf-{args.tf_dtype}-b{n}": (here, {"batch_size": n, "tf_dtype": args.tf_dtype}) for n in args.tf_batches}
-    systems.update({f"project, {n} rows" if n else "project (defaults)": (here, {"batch_size": n}) for n in args.rows})
+    checkpoint = str(full_size_checkpoint())
+    model_dir = str(full_size_export())
+    images = photos(args.images_n)
+    systems = {
+        f"tf-{args.tf_dtype}-b{n}": (REPO, {"batch_size": n, "tf_dtype": args.tf_dtype}) for n in args.tf_batches
+    }
+    systems.update({f"project, {n} rows" if n else "project (defaults)": (REPO, {"batch_size": n}) for n in args.rows})
     if args.encoder_weights_only:
-        folder = str(ensure_export(weights_only))
-        systems["project (defaults), image encoder weights only"] = (here, {"model_dir": folder, "quantize_image_encoder": 0})
+        folder = str(full_size_export(quantize_image_encoder=False))
+        systems["project (defaults), image encoder weights only"] = (
+            REPO,
+            {"model_dir": folder, "quantize_image_encoder": False},
+        )
     if args.decoder_weights_only:
-        folder = ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8-decoder-weights"), weight_format="int8",
-                                           quantize_text_decoder="false"))
-        systems["project (defaults), text decoder weights only"] = (here, {"model_dir": str(folder), "quantize_text_decoder": "false"})
+        folder = str(full_size_export(quantize_text_decoder=False))
+        systems["project (defaults), text decoder weights only"] = (
+            REPO,
+            {"model_dir": folder, "quantize_text_decoder": False},
+        )
     if args.static_decoder:
-        folder = ensure_export(ModelConfig(source=checkpoint, dir=str(CACHE / "export-int8-static-decoder"), weight_format="int8",
-                                           quantize_text_decoder="true"))
-        systems["project (defaults), static int8 text decoder"] = (here, {"model_dir": str(folder), "quantize_text_decoder": "true"})
-    systems.update({f"project (defaults), admitting when 1/{d} of the rows are free": (here, {"admit_divisor": d}) for d in args.admit})
+        folder = str(full_size_export(quantize_text_decoder=True))
+        systems["project (defaults), static int8 text decoder"] = (
+            REPO,
+            {"model_dir": folder, "quantize_text_decoder": True},
+        )
+    systems.update(
+        {
+            f"project (defaults), admitting when 1/{d} of the rows are free": (REPO, {"admit_divisor": d})
+            for d in args.admit
+        }
+    )
     if args.before:
-        systems["project before (its defaults)"] = (str(Path(args.before).resolve() / "bench" / "real_lengths.py"), {})
+        systems["project before (its defaults)"] = (Path(args.before).resolve(), {})
     work = Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
     seconds: dict[str, list[float]] = {s: [] for s in systems}
     tokens = {}
     for round_ in range(args.rounds):
-        for k, (system, (script, options)) in enumerate(systems.items()):
-            options = {"model_dir": model_dir, "batch_size": 0, "fixed": args.fixed, **options}
-            row = run_child(script, "tf" if system.startswith("tf") else "project", checkpoint=checkpoint, images=images,
-                            out=work / f"{k}-{round_}", **options)
+        for k, (system, (repo, options)) in enumerate(systems.items()):
+            options = {"model_dir": model_dir, "fixed": args.fixed, **options}
+            options["batch_size"] = options.get("batch_size") or None  # 0 or none: the engine's own
+            row = run_child(
+                __spec__.name,
+                "tf" if system.startswith("tf") else "project",
+                repo=repo,
+                checkpoint=checkpoint,
+                images=images,
+                out=work / f"{k}-{round_}",
+                **options,
+            )
             seconds[system].append(row["seconds"] / row["images"])
             tokens[system] = row["tokens"]
             print(f"round {round_ + 1} {system}: {seconds[system][-1]:.3f} s/image, {row['tokens']} tokens", flush=True)
     assert len(set(tokens.values())) == 1, f"the systems generated different numbers of tokens: {tokens}"
     lengths = f"every caption {args.fixed} tokens" if args.fixed else f"captions of {SHORTEST} to {LONGEST} tokens"
-    baselines = [s for s in systems if s.startswith("tf-")] or list(systems)[:1]  # transformers, or without it (--tf-batches) the first system
-    print(f"\n{cpu()}\n{args.images_n} images, {lengths} ({tokens[baselines[0]] / args.images_n:.1f} on average), "
-          f"medians of {args.rounds} rounds, seconds per image once loaded")
-    base = {s: statistics.median(seconds[s]) for s in (baselines[0], min(baselines, key=lambda s: statistics.median(seconds[s])))}
+    # transformers, or without it (--tf-batches with no sizes) the first system
+    baselines = [s for s in systems if s.startswith("tf-")] or list(systems)[:1]
+    print(
+        f"\n{cpu()}\n{args.images_n} images, {lengths} ({tokens[baselines[0]] / args.images_n:.1f} on average), "
+        f"medians of {args.rounds} rounds, seconds per image once loaded"
+    )
+    fastest = min(baselines, key=lambda s: statistics.median(seconds[s]))
+    base = {s: statistics.median(seconds[s]) for s in (baselines[0], fastest)}
     print(f"| system | s/image | runs | {' | '.join(f'x {s}' for s in base)} |\n|" + " --- |" * (3 + len(base)))
     for system, runs in seconds.items():
         m = statistics.median(runs)
-        print(f"| {system} | {m:.3f} | {' / '.join(f'{r:.2f}' for r in runs)} | {' | '.join(f'{b / m:.2f}' for b in base.values())} |")
+        ratios = " | ".join(f"{b / m:.2f}" for b in base.values())
+        print(f"| {system} | {m:.3f} | {' / '.join(f'{r:.2f}' for r in runs)} | {ratios} |")
 
 
 if __name__ == "__main__":
