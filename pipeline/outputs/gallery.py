@@ -65,12 +65,19 @@ def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> tuple[str | 
 
 def _entity(entity: dict, index: int) -> dict:
     """An entity as the page draws it: span, colour, score, and boxes as [x1, y1, x2, y2, score]."""
+
     def rounded(v):
         return None if v is None else round(v, 4)
 
     boxes = [[rounded(b[k]) for k in ("x1", "y1", "x2", "y2")] + [rounded(b.get("score"))] for b in entity["boxes"]]
-    return {"phrase": entity["phrase"], "start": entity["start"], "end": entity["end"], "colour": _hex(index),
-            "score": rounded(entity.get("score")), "boxes": boxes}
+    return {
+        "phrase": entity["phrase"],
+        "start": entity["start"],
+        "end": entity["end"],
+        "colour": _hex(index),
+        "score": rounded(entity.get("score")),
+        "boxes": boxes,
+    }
 
 
 def write_gallery(cfg: GalleryConfig) -> dict:
@@ -94,7 +101,11 @@ def write_gallery(cfg: GalleryConfig) -> dict:
                     entities = [_entity(e, i) for i, e in enumerate(row["entities"] or [])]
                     for e in entities:
                         phrase_pages.setdefault(e["phrase"].lower(), set()).add(pages)
-                    thumb, drawn = (None, False) if row["error"] else _thumbnail(folder, row, out / "thumbs", cfg.gallery.thumb_side)
+                    thumb, drawn = (
+                        (None, False)
+                        if row["error"]
+                        else _thumbnail(folder, row, out / "thumbs", cfg.gallery.thumb_side)
+                    )
                     page.append(
                         {
                             "id": row["id"],

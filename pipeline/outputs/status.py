@@ -36,6 +36,7 @@ from pipeline.storage.locks import alive
 
 log = logging.getLogger("kosmos-status")
 
+
 @dataclass
 class ShardStatus:
     shard: int
@@ -138,7 +139,9 @@ def table(report: dict) -> str:
     for s in report["shards"]:
         errors = ", ".join(f"{k}: {n}" for k, n in s["errors"].items()) or "-"
         rate = f"{s['images_per_s']:.2f}" if s["images_per_s"] is not None else "-"
-        lines.append(f"{s['shard']:<7}{s['state']:<10}{s['done']:>9}  {rate:>8}  {_age(s['last_commit_age_s']):<14}{errors}")
+        lines.append(
+            f"{s['shard']:<7}{s['state']:<10}{s['done']:>9}  {rate:>8}  {_age(s['last_commit_age_s']):<14}{errors}"
+        )
     total = report["total"]
     whole = f"{report['done']} of {total} ({100 * report['done'] / total:.1f} %)" if total else f"{report['done']}"
     errors = sum(report["errors"].values())
@@ -155,7 +158,9 @@ def main() -> None:
         sys.stdout.flush()
         stalled = [s["shard"] for s in report["shards"] if s["state"] == "stalled"]
         if stalled:
-            raise Stalled(f"shard(s) {stalled} say they are running but have not committed for {cfg.stall_seconds:.0f} s")
+            raise Stalled(
+                f"shard(s) {stalled} say they are running but have not committed for {cfg.stall_seconds:.0f} s"
+            )
 
     command("status", work, log)
 

@@ -42,14 +42,22 @@ def test_thumbnails_of_phone_photos_are_upright(tmp_path):
     exif[0x0112] = 6
     photo.save(tmp_path / "phone.jpg", exif=exif)
     box = {"x1": 0.0, "y1": 0.0, "x2": 0.5, "y2": 0.25, "score": 0.5}
-    row = {"id": "phone.jpg", "source": str(tmp_path / "phone.jpg"), "width": 80, "height": 120, "prompt": "p",
-           "caption": "a box", "token_ids": [1], "error": None,
-           "entities": [{"phrase": "a box", "start": 0, "end": 5, "score": 0.5, "boxes": [box]}]}
+    row = {
+        "id": "phone.jpg",
+        "source": str(tmp_path / "phone.jpg"),
+        "width": 80,
+        "height": 120,
+        "prompt": "p",
+        "caption": "a box",
+        "token_ids": [1],
+        "error": None,
+        "entities": [{"phrase": "a box", "start": 0, "end": 5, "score": 0.5, "boxes": [box]}],
+    }
     out = write_rows(tmp_path / "out", [row])
     write_gallery(build(GalleryConfig, {"output.dir": str(out)}))
     (thumb,) = (out / "_gallery" / "thumbs").iterdir()
     image = np.asarray(Image.open(thumb).convert("L"), dtype=int)
     assert image.shape[0] > image.shape[1]  # portrait
-    assert image[: image.shape[0] // 4].mean() > 200 and image[image.shape[0] // 2 :].mean() < 30  # the white band on top
-
-
+    assert (
+        image[: image.shape[0] // 4].mean() > 200 and image[image.shape[0] // 2 :].mean() < 30
+    )  # the white band on top

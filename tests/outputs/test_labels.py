@@ -37,8 +37,15 @@ def parquet_boxes(folder: Path) -> dict[str, list]:
             continue
         w, h = row["width"], row["height"]
         out[row["id"]] = [
-            (e["phrase"], min(b["x1"], b["x2"]) * w, min(b["y1"], b["y2"]) * h, abs(b["x2"] - b["x1"]) * w, abs(b["y2"] - b["y1"]) * h)
-            for e in row["entities"] for b in e["boxes"]
+            (
+                e["phrase"],
+                min(b["x1"], b["x2"]) * w,
+                min(b["y1"], b["y2"]) * h,
+                abs(b["x2"] - b["x1"]) * w,
+                abs(b["y2"] - b["y1"]) * h,
+            )
+            for e in row["entities"]
+            for b in e["boxes"]
         ]
     return out
 
@@ -77,10 +84,13 @@ def test_labelstudio_predictions(labels_dir, tmp_path):
         (prediction,) = task["predictions"]
         assert prediction["model_version"].startswith("kosmos-2")
         assert len(prediction["result"]) == len(want[task["data"]["id"]])
-        for region, (phrase, x, y, w, h) in zip(prediction["result"], want[task["data"]["id"]]):
+        for region, (phrase, x, _y, _w, h) in zip(prediction["result"], want[task["data"]["id"]]):
             v = region["value"]
             assert region["type"] == "rectanglelabels" and v["rectanglelabels"] == [phrase]
-            assert abs(v["x"] * region["original_width"] / 100 - x) < 1 and abs(v["height"] * region["original_height"] / 100 - h) < 1
+            assert (
+                abs(v["x"] * region["original_width"] / 100 - x) < 1
+                and abs(v["height"] * region["original_height"] / 100 - h) < 1
+            )
             assert 0 <= v["x"] <= 100 and 0 <= v["y"] + v["height"] <= 100.001
 
 
@@ -89,7 +99,9 @@ def test_yolo_txt(labels_dir, tmp_path):
     classes = (tmp_path / "yolo" / "classes.txt").read_text().splitlines()
     want = parquet_boxes(labels_dir)
     assert counts["images"] == len(want)
-    mapping = {i: f for f, i, _ in (line.split("\t") for line in (tmp_path / "yolo" / "ids.tsv").read_text().splitlines()[1:])}
+    mapping = {
+        i: f for f, i, _ in (line.split("\t") for line in (tmp_path / "yolo" / "ids.tsv").read_text().splitlines()[1:])
+    }
     assert set(mapping) == set(want)
     for image_id, boxes in want.items():
         assert mapping[image_id] == "labels/" + Path(image_id).with_suffix(".txt").name
@@ -102,8 +114,17 @@ def test_yolo_gives_every_id_its_own_label_file(tmp_path):
     """`a.jpg` and `a.png` would both be `a.txt`: the second keeps its extension, the mapping says which."""
     box = {"x1": 0.1, "y1": 0.2, "x2": 0.3, "y2": 0.4}
     rows = [
-        {"id": i, "source": f"/data/{i}", "width": 100, "height": 50, "prompt": "p", "caption": "c", "token_ids": [1],
-         "entities": [{"phrase": phrase, "start": 0, "end": 1, "boxes": [box]}], "error": None}
+        {
+            "id": i,
+            "source": f"/data/{i}",
+            "width": 100,
+            "height": 50,
+            "prompt": "p",
+            "caption": "c",
+            "token_ids": [1],
+            "entities": [{"phrase": phrase, "start": 0, "end": 1, "boxes": [box]}],
+            "error": None,
+        }
         for i, phrase in [("a.jpg", "cat"), ("a.png", "dog"), ("sub/a.jpg", "cat"), ("a", "dog")]
     ]
     folder = tmp_path / "out"
@@ -146,8 +167,19 @@ def test_bad_arguments_are_config_errors(labels_dir, tmp_path):
 
 def test_command(labels_dir, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.outputs.labels", "format=coco", f"output.dir={labels_dir}", f"dest={tmp_path / 'c.json'}"],
-        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.outputs.labels",
+            "format=coco",
+            f"output.dir={labels_dir}",
+            f"dest={tmp_path / 'c.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Wrote coco to" in proc.stderr + proc.stdout and (tmp_path / "c.json").exists()
@@ -164,10 +196,29 @@ def scored_folder(tmp_path) -> Path:
     rows = []
     for name, scores in [("chelsea.png", [0.9, 0.2]), ("coffee.png", [0.6])]:
         (images / name).write_bytes((EXAMPLES / name).read_bytes())
-        entities = [{"phrase": "a cat" if k == 0 else "a mat", "start": 0, "end": 1, "score": s,
-                     "boxes": [{"x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": s}]} for k, s in enumerate(scores)]
-        rows.append({"id": name, "source": str(images / name), "width": 400, "height": 300, "prompt": "p", "caption": "c",
-                     "token_ids": [1], "entities": entities, "error": None})
+        entities = [
+            {
+                "phrase": "a cat" if k == 0 else "a mat",
+                "start": 0,
+                "end": 1,
+                "score": s,
+                "boxes": [{"x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": s}],
+            }
+            for k, s in enumerate(scores)
+        ]
+        rows.append(
+            {
+                "id": name,
+                "source": str(images / name),
+                "width": 400,
+                "height": 300,
+                "prompt": "p",
+                "caption": "c",
+                "token_ids": [1],
+                "entities": entities,
+                "error": None,
+            }
+        )
     folder = tmp_path / "out"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "part-00000-00000.parquet")
@@ -200,13 +251,22 @@ def test_every_format_keeps_scores_and_min_score_drops_boxes(scored_folder, tmp_
     lines = (tmp_path / "yolo" / "labels" / "chelsea.txt").read_text().splitlines()
     assert len(lines) == 1 and float(lines[0].split()[5]) == pytest.approx(0.9)
     labels(scored_folder, "yolo", tmp_path / "yolo2")
-    assert [len(line.split()) for line in (tmp_path / "yolo2" / "labels" / "chelsea.txt").read_text().splitlines()] == [5, 5]
+    assert [len(line.split()) for line in (tmp_path / "yolo2" / "labels" / "chelsea.txt").read_text().splitlines()] == [
+        5,
+        5,
+    ]
 
 
 def test_scores_are_required_only_where_used(tmp_path):
     """A folder from before scores existed still exports, but min_score and coco_results say why they cannot."""
-    row = {"id": "a.jpg", "source": "/data/a.jpg", "width": 10, "height": 10, "entities": [
-        {"phrase": "cat", "start": 0, "end": 3, "boxes": [{"x1": 0.1, "y1": 0.1, "x2": 0.5, "y2": 0.5}]}], "error": None}
+    row = {
+        "id": "a.jpg",
+        "source": "/data/a.jpg",
+        "width": 10,
+        "height": 10,
+        "entities": [{"phrase": "cat", "start": 0, "end": 3, "boxes": [{"x1": 0.1, "y1": 0.1, "x2": 0.5, "y2": 0.5}]}],
+        "error": None,
+    }
     folder = tmp_path / "old"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), folder / "part-00000-00000.parquet")
@@ -222,11 +282,18 @@ def test_labelstudio_image_references(scored_folder, tmp_path, caplog):
     root = scored_folder.parent / "data"
     labels(scored_folder, "labelstudio", tmp_path / "t.json", labelstudio={"document_root": str(root)})
     assert [t["data"]["image"] for t in json.loads((tmp_path / "t.json").read_text())] == [
-        "/data/local-files/?d=images/chelsea.png", "/data/local-files/?d=images/coffee.png"]
+        "/data/local-files/?d=images/chelsea.png",
+        "/data/local-files/?d=images/coffee.png",
+    ]
     labels(scored_folder, "labelstudio", tmp_path / "t.json", labelstudio={"url_prefix": "s3://bucket/photos/"})
     assert json.loads((tmp_path / "t.json").read_text())[0]["data"]["image"] == "s3://bucket/photos/chelsea.png"
     with pytest.raises(ConfigError, match="is not under labelstudio.document_root"):
-        labels(scored_folder, "labelstudio", tmp_path / "t.json", labelstudio={"document_root": str(tmp_path / "elsewhere")})
+        labels(
+            scored_folder,
+            "labelstudio",
+            tmp_path / "t.json",
+            labelstudio={"document_root": str(tmp_path / "elsewhere")},
+        )
     with caplog.at_level("WARNING"):
         labels(scored_folder, "labelstudio", tmp_path / "t.json")
     assert "Label Studio cannot open" in caplog.text

@@ -19,8 +19,14 @@ from tests.helpers import REPO, config, count_parts, start
 
 def status_command(folder: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "pipeline.outputs.status", f"output.dir={folder}", *extra],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.outputs.status", f"output.dir={folder}", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_two_finished_shards(trained_checkpoint, trained_export, many_images, tmp_path):
@@ -28,7 +34,12 @@ def test_two_finished_shards(trained_checkpoint, trained_export, many_images, tm
     shutil.copytree(many_images, photos)
     (photos / "set0" / "broken.jpg").write_text("not an image")
     for shard in (0, 1):
-        run(config(trained_checkpoint, trained_export, InputConfig(path=str(photos), num_shards=2, shard_index=shard), out), out)
+        run(
+            config(
+                trained_checkpoint, trained_export, InputConfig(path=str(photos), num_shards=2, shard_index=shard), out
+            ),
+            out,
+        )
     report = status(StatusConfig(output=OutputConfig(dir=str(out))))
     assert [s["state"] for s in report["shards"]] == ["finished", "finished"]
     assert report["done"] == report["total"] == 25 and report["seconds_left"] is None

@@ -1,0 +1,85 @@
+"""Label Studio tasks with predictions (rectanglelabels), each region and prediction scored."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from urllib.parse import quote
+
+from pipeline.config import LabelStudioOptions
+from pipeline.errors import ConfigError
+from pipeline.outputs.labels.common import boxes, rows, usable
+from pipeline.storage.files import Folder, atomic
+
+log = logging.getLogger("kosmos-labels")
+
+
+def image_reference(row: dict, options: LabelStudioOptions) -> str:
+    """The URL Label Studio loads a task's image from (see LabelStudioOptions)."""
+    if options.url_prefix:
+        return options.url_prefix.rstrip("/") + "/" + quote(row["id"])
+    if not options.document_root:
+        return row["source"]
+    root = Path(options.document_root).expanduser().resolve()
+    path = Path(row["source"]).expanduser().resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(
+            f"image {row['source']!r} (id {row['id']!r}) is not under "
+            f"labelstudio.document_root={options.document_root!r}: "
+            "set the document root to a folder that holds every image (Label Studio's LOCAL_FILES_DOCUMENT_ROOT)"
+        )
+    return "/data/local-files/?d=" + quote(path.relative_to(root).as_posix())
+
+
+def write_labelstudio(
+    folder: Folder, dest: Path, names: list[str], min_score: float, version: str, options: LabelStudioOptions
+) -> dict:
+    """Label Studio tasks with predictions (rectanglelabels in percent of the image). Each region
+    carries its box's score; each prediction the mean of its regions' scores, which Label Studio
+    sorts and filters tasks by."""
+    wanted = set(names)
+    counts = {"tasks": 0, "regions": 0}
+    if not (options.document_root or options.url_prefix):
+        log.warning(
+            "Tasks reference images by the path they were annotated from, which Label Studio cannot open: set "
+            "labelstudio.document_root=<its LOCAL_FILES_DOCUMENT_ROOT> or "
+            "labelstudio.url_prefix=<where the images are served>"
+        )
+    with atomic(dest) as f:
+        f.write("[")
+        for row in rows(folder):
+            if not usable(row):
+                continue
+            result = []
+            for k, box in enumerate(b for b in boxes(row, min_score) if b.label in wanted):
+                result.append(
+                    {
+                        "id": f"r{k}",
+                        "type": "rectanglelabels",
+                        "from_name": "label",
+                        "to_name": "image",
+                        "original_width": row["width"],
+                        "original_height": row["height"],
+                        "image_rotation": 0,
+                        "score": box.score,
+                        "value": {
+                            "x": 100 * box.x / row["width"],
+                            "y": 100 * box.y / row["height"],
+                            "width": 100 * box.w / row["width"],
+                            "height": 100 * box.h / row["height"],
+                            "rotation": 0,
+                            "rectanglelabels": [box.label],
+                        },
+                    }
+                )
+            prediction = {"model_version": version, "result": result}
+            scores = [r["score"] for r in result if r["score"] is not None]
+            if scores:
+                prediction["score"] = sum(scores) / len(scores)
+            task = {"data": {"image": image_reference(row, options), "id": row["id"]}, "predictions": [prediction]}
+            f.write(("," if counts["tasks"] else "") + json.dumps(task))
+            counts["tasks"] += 1
+            counts["regions"] += len(result)
+        f.write("]")
+    return counts
