@@ -27,6 +27,12 @@ class Item:
     mine: bool = True  # False: another shard's item, maybe given by its id alone
 
 
+def printable(name: str) -> str:
+    """A file name as a string that UTF-8 can store: bytes that are not UTF-8 (an old Latin-1 name
+    on disk, `caf\\xe9.jpg`) are written as `\\xNN`, so an id is always text and always the same."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def id_hash(item_id: str) -> int:
     """A stable 64-bit hash of an id (the same on every machine and Python): shards and the resume index."""
     return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
@@ -120,7 +126,7 @@ def output_schema(keep_fields: list[pa.Field]) -> pa.Schema:
 def row(item: Item, **values) -> dict:
     """An output row of `item`: every column of the contract (null unless given), then its kept columns."""
     out: dict[str, Any] = dict.fromkeys(SCHEMA.names)
-    out.update(id=item.id, source=item.source)
+    out.update(id=printable(item.id), source=printable(item.source))
     out.update(values)
     out.update(item.extra)
     return out

@@ -12,7 +12,7 @@ from pyarrow.fs import FileSelector, FileType
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.records import Item, id_hash
-from pipeline.storage.files import filesystem
+from pipeline.storage.files import filesystem, join
 
 # keep(id): whether the caller still needs this shard's item (not yet done); lets a reader skip bytes.
 Keep = Callable[[str], bool]
@@ -50,9 +50,9 @@ def info(location: str):
         raise InputError(f"cannot read {location!r}: {e}") from None
 
 
-def listing(prefix: str, wanted: Callable[[str], bool]) -> list[str]:
-    """The files under a folder in object storage whose key under it is `wanted`, sorted by path
-    components (the order of the local walk), as URIs. No name component may start with `.`."""
+def listing(prefix: str, wanted: Callable[[str], bool]) -> list[tuple[str, str]]:
+    """(key, URI) of the files under a folder in object storage whose key under it is `wanted`,
+    sorted by path components (the order of the local walk). No name component may start with `.`."""
     fs, root = filesystem(prefix)
     root = root.rstrip("/")
     try:
@@ -61,8 +61,8 @@ def listing(prefix: str, wanted: Callable[[str], bool]) -> list[str]:
         raise InputError(f"cannot list {prefix!r}: {e}") from None
     keys = [f.path[len(root) + 1 :] for f in found if f.type == FileType.File]
     keys = [k for k in keys if wanted(k) and not any(p.startswith(".") for p in k.split("/"))]
-    return [f"{prefix.rstrip('/')}/{key}" for key in sorted(keys, key=lambda k: k.split("/"))]
+    return [(key, join(prefix, key)) for key in sorted(keys, key=lambda k: k.split("/"))]
 
 
 def base_name(location: str) -> str:
-    return location.rstrip("/").rsplit("/", 1)[-1]
+    return location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]

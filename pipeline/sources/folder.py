@@ -1,8 +1,10 @@
 """A folder of images, walked recursively in sorted order; an item's id is its path under the folder.
 
 Each folder is listed and sorted on its own (files and subfolders together), so the walk streams
-whatever the folder's size and its order does not depend on the file system. A folder in object
-storage is listed whole before the run (keys under the prefix).
+whatever the folder's size and its order does not depend on the file system. Only regular files are
+taken (a FIFO would block its reader for ever), symbolic links to them included; a name that is not
+UTF-8 becomes an id with `\\xNN` escapes (records.printable). A folder in object storage is listed
+whole before the run (keys under the prefix).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pyarrow.fs import FileType
 
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
-from pipeline.records import Item
+from pipeline.records import Item, printable
 from pipeline.sources.base import Keep, by_hash, info, listing
 from pipeline.storage.files import is_remote
 
@@ -54,10 +56,7 @@ class FolderSource:
     def walk(self) -> Iterator[Item]:
         """Every image under the folder, in order."""
         if is_remote(self.cfg.path):
-            prefix = self.cfg.path.rstrip("/")
-            return (
-                Item(id=uri[len(prefix) + 1 :], source=uri, path=uri) for uri in listing(self.cfg.path, self._wanted)
-            )
+            return (Item(id=key, source=uri, path=uri) for key, uri in listing(self.cfg.path, self._wanted))
         root = Path(self.cfg.path).expanduser()
 
         def walk(folder: Path) -> Iterator[Item]:
@@ -66,8 +65,16 @@ class FolderSource:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     yield from walk(Path(entry.path))
-                elif self._wanted(entry.name):
+                elif self._wanted(entry.name) and _regular(entry):
                     path = Path(entry.path)
-                    yield Item(id=path.relative_to(root).as_posix(), source=str(path), path=str(path))
+                    item_id = printable(path.relative_to(root).as_posix())
+                    yield Item(id=item_id, source=printable(str(path)), path=str(path))
 
         return walk(root)
+
+
+def _regular(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file(follow_symlinks=True)
+    except OSError:  # a dangling link, a file gone since the listing: not an image to take
+        return False

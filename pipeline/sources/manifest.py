@@ -1,10 +1,11 @@
 """A parquet manifest: a file, a folder of files or a glob, local or in object storage.
 
-Read in record batches, only the columns needed, so memory does not grow with the manifest. A row
-is known by its file (relative to the manifest's root) and its row in that file, so adding a file
-never renames the rows of the others. Shards take equal contiguous ranges of rows, so each reads only
-its share of the image bytes; a resumed run reads a row group's ids first and its bytes only if it
-holds work left.
+Read in record batches of a few rows, only the columns needed, page by page (a buffered stream), so
+memory follows the manifest's data pages, not its row groups nor its length. A row is known by its
+file (relative to the manifest's root) and its row in that file, so adding a file never renames the
+rows of the others. Column types are checked from the footers before the run. Shards take equal
+contiguous ranges of rows, so each reads only its share of the image bytes; a resumed run reads a row
+group's ids first and its bytes only if it holds work left.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pyarrow.fs import FileType
 
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
-from pipeline.records import Item
+from pipeline.records import Item, printable
 from pipeline.sources.base import Keep, base_name, info, listing
-from pipeline.storage.files import filesystem, is_remote
+from pipeline.storage.files import filesystem, is_remote, join, parent
 
-BATCH_ROWS = 1024
+BATCH_ROWS = 64  # rows of image bytes in memory at once, beside the data page being read
+READ_BUFFER = 1 << 20  # read column chunks through a buffer of this size, page by page
 
 
 def manifest_files(path: str) -> list[str]:
@@ -34,7 +36,7 @@ def manifest_files(path: str) -> list[str]:
         found = info(path).type
         if found == FileType.NotFound:
             raise InputError(f"input.path={path!r} does not exist")
-        files = [path] if found == FileType.File else listing(path, _manifest_key)
+        files = [path] if found == FileType.File else [uri for _, uri in listing(path, _manifest_key)]
         if not files:
             raise InputError(f"input.path={path!r} matches no parquet files")
         return files
@@ -80,7 +82,7 @@ def _relative(file: str, root: str) -> str:
 
 def _parquet(file: str) -> pq.ParquetFile:
     fs, path = filesystem(file)
-    return pq.ParquetFile(path, filesystem=fs)
+    return pq.ParquetFile(path, filesystem=fs, buffer_size=READ_BUFFER, pre_buffer=False)
 
 
 def _schema(file: str) -> pa.Schema:
@@ -120,12 +122,33 @@ class ManifestSource:
                     f"manifest {str(file)!r} has no column {', '.join(map(repr, missing))}; "
                     f"its columns are: {', '.join(schema.names)}"
                 )
+            self._check_types(file, schema)
             for c in self.cfg.keep_columns:
                 if schema.field(c).type != first.field(c).type:
                     raise InputError(
                         f"manifest {str(file)!r}: kept column {c!r} is {schema.field(c).type}, but "
                         f"{str(files[0])!r} has {first.field(c).type}; one output column takes one type"
                     )
+
+    def _check_types(self, file: str, schema: pa.Schema) -> None:
+        """Each named column holds what it is read as, or the whole run would go wrong row by row (a
+        string of phrases would be grounded character by character)."""
+        cfg, t = self.cfg, pa.types
+        strings = (t.is_string, t.is_large_string)
+        wanted = {
+            cfg.image_column: (
+                "paths, image bytes or {bytes, path} structs",
+                (*strings, t.is_binary, t.is_large_binary, _is_image_struct),
+            ),
+            cfg.id_column: ("strings or integers", (*strings, t.is_integer)),
+            cfg.prompt_column: ("strings", strings),
+            cfg.phrases_column: ("lists of strings", (_is_string_list,)),
+        }
+        for column, (what, accepted) in wanted.items():
+            if column and not any(accepts(schema.field(column).type) for accepts in accepted):
+                raise InputError(
+                    f"manifest {str(file)!r}: column {column!r} is {schema.field(column).type}; it must hold {what}"
+                )
 
     def count(self) -> int:
         return manifest_rows(manifest_files(self.cfg.path))
@@ -147,7 +170,7 @@ class ManifestSource:
         lo, hi = self._shard_rows(files)
         position = 0  # of the row in the whole manifest
         for file in files:
-            name = _relative(file, root)
+            name = printable(_relative(file, root))
             with _parquet(file) as pf:
                 row = 0  # in this file
                 for group in range(pf.metadata.num_row_groups):
@@ -225,7 +248,7 @@ class ManifestSource:
             elif Path(path).expanduser().is_absolute():
                 resolved = str(Path(path).expanduser())
             elif is_remote(file):
-                resolved = f"{file.rsplit('/', 1)[0]}/{path}"
+                resolved = join(parent(file), path)
             else:
                 resolved = str(Path(file).parent / path)
         item = Item(
@@ -239,9 +262,21 @@ class ManifestSource:
         )
         if image is None or (path is None and data is None):
             item.error = f"null image: column {cfg.image_column!r} is null in this row"
+        elif data is not None and len(data) > cfg.max_image_bytes:
+            item.data = None
+            item.error = f"too large: {len(data)} bytes, over input.max_image_bytes={cfg.max_image_bytes}"
         elif cfg.id_column and values.get(cfg.id_column) is None:
             item.error = f"null id: column {cfg.id_column!r} is null in this row"
         return item
+
+
+def _is_image_struct(type_: pa.DataType) -> bool:
+    return pa.types.is_struct(type_) and {"bytes", "path"} & {type_.field(i).name for i in range(type_.num_fields)}
+
+
+def _is_string_list(type_: pa.DataType) -> bool:
+    lists = pa.types.is_list(type_) or pa.types.is_large_list(type_)
+    return lists and (pa.types.is_string(type_.value_type) or pa.types.is_large_string(type_.value_type))
 
 
 def _image_path(image) -> str | None:

@@ -19,9 +19,9 @@ from pyarrow.fs import FileType
 
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
-from pipeline.records import Item
+from pipeline.records import Item, printable
 from pipeline.sources.base import Keep, base_name, by_hash, info
-from pipeline.storage.files import filesystem, is_remote
+from pipeline.storage.files import TooLarge, filesystem, is_remote, retried
 
 log = logging.getLogger(__name__)
 
@@ -110,43 +110,64 @@ class WebDatasetSource:
         return share
 
     def _samples(self, tars: list[str]) -> Iterator[Item]:
-        """One item per sample. What a damaged tar does not let us read becomes one error row, named
-        after the last sample read before it, and the next tar goes on."""
+        """One item per sample. Only the members a sample needs are read (its image, the kept columns),
+        and one over input.max_image_bytes is refused without being read. What a damaged tar does not
+        let us read becomes one error row, named after the last sample read before it, and the next tar
+        goes on; a read that fails in passing is an `io error`, which a rerun tries again."""
+        wanted = set(IMAGE_MEMBERS) | set(self.cfg.keep_columns)
         for file in tars:
             key, members = None, {}
             try:
                 fs, path = filesystem(file)
-                with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+                raw = retried(lambda fs=fs, path=path: fs.open_input_stream(path), self.cfg, f"opening {file}")
+                with raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                     for member in tar:
                         if not member.isfile():
                             continue
                         folder, _, name = member.name.rpartition("/")
                         stem, _, ext = name.partition(".")
-                        member_key = f"{folder}/{stem}" if folder else stem
+                        member_key = printable(f"{folder}/{stem}" if folder else stem)
                         if member_key != key and key is not None:
                             yield self._sample(file, key, members)
                             members = {}
-                        key = member_key
-                        members[ext.lower()] = tar.extractfile(member).read()
+                        key, ext = member_key, ext.lower()
+                        if ext not in wanted:
+                            members[ext] = None  # named in an error message, never read
+                        elif member.size > self.cfg.max_image_bytes:
+                            members[ext] = TooLarge(member.size)
+                        else:
+                            members[ext] = tar.extractfile(member).read()
                 if key is not None:
                     yield self._sample(file, key, members)
             except (tarfile.TarError, EOFError, OSError) as e:
                 if key is not None and members:  # what came before the damage, as far as it was read
                     yield self._sample(file, key, members)
                 after = f"after sample {key!r}" if key is not None else "at its start"
+                name = base_name(file)
+                damaged = isinstance(e, (tarfile.TarError, EOFError))  # else a read that failed: tried again later
+                what = f"cannot read tar: {name} is damaged" if damaged else f"io error: {name} could not be read"
                 yield Item(
-                    id=f"{base_name(file)}#unreadable",
+                    id=f"{name}#unreadable",
                     source=file,
-                    error=f"cannot read tar: {base_name(file)} is damaged {after} ({type(e).__name__}: {e}); "
-                    "the samples after it are lost",
+                    error=f"{what} {after} ({type(e).__name__}: {e}); the samples after it are lost",
                     extra=dict.fromkeys(self.cfg.keep_columns),
                 )
 
-    def _sample(self, file: str, key: str, members: dict[str, bytes]) -> Item:
+    def _sample(self, file: str, key: str, members: dict[str, bytes | TooLarge | None]) -> Item:
         image = next((members[e] for e in IMAGE_MEMBERS if e in members), None)
-        extra = {c: members[c].decode("utf-8", "replace") if c in members else None for c in self.cfg.keep_columns}
-        item = Item(id=key, source=f"{file}#{key}", data=image, extra=extra)
-        if image is None:
+        extra = {c: _text(members.get(c)) for c in self.cfg.keep_columns}
+        item = Item(id=key, source=f"{file}#{key}", data=image if isinstance(image, bytes) else None, extra=extra)
+        if isinstance(image, TooLarge):
+            item.error = (
+                f"too large: sample {key!r}'s image member holds {image.args[0]} bytes, over "
+                f"input.max_image_bytes={self.cfg.max_image_bytes} (raise it if the image is genuine)"
+            )
+        elif image is None:
             found = ", ".join(sorted(members))
             item.error = f"null image: sample {key!r} has no {'/'.join(IMAGE_MEMBERS)} member (it has: {found})"
         return item
+
+
+def _text(member: bytes | TooLarge | None) -> str | None:
+    """A kept member as text (JSON as its text); one too large to read is left out."""
+    return member.decode("utf-8", "replace") if isinstance(member, bytes) else None

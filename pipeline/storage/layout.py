@@ -12,7 +12,8 @@ import re
 from pipeline.errors import ConfigError
 from pipeline.storage.files import Folder
 
-PART = re.compile(r"^part-(\d{5})-(\d{5,})\.parquet$")
+# part-<shard>-<n>.parquet; in object storage part-<shard>-<n>-<run>.parquet (storage/locks.py: Lease)
+PART = re.compile(r"^part-(\d{5})-(\d{5,})(?:-([0-9a-f]{12}))?\.parquet$")
 SETTINGS = "_settings.json"  # the settings that change what a row says: one result set per folder
 SUMMARY = "_summary.json"  # a single run's summary; shards write _summary-<shard>.json
 PREVIEWS = "_previews"
@@ -21,8 +22,8 @@ SETTINGS_LOCK = ".lock-settings"  # local: shards prepare the folder one at a ti
 SETTINGS_LEASE = ".lease-settings.json"  # the same in object storage
 
 
-def part_name(shard: int, number: int) -> str:
-    return f"part-{shard:05d}-{number:05d}.parquet"
+def part_name(shard: int, number: int, run: str | None = None) -> str:
+    return f"part-{shard:05d}-{number:05d}{f'-{run}' if run else ''}.parquet"
 
 
 def unfinished_part_prefix(shard: int) -> str:
@@ -46,6 +47,11 @@ def is_summary(name: str) -> bool:
     return name.startswith("_summary") and name.endswith(".json")
 
 
+def run_log(shard: int, num_shards: int) -> str:
+    """The run's log (the lines it wrote on stderr), beside the summary."""
+    return f"_run-{shard:05d}.log" if num_shards > 1 else "_run.log"
+
+
 def lock_name(shard: int) -> str:
     return f".lock-{shard:05d}"
 
@@ -65,11 +71,13 @@ def committed_parts(folder: Folder, shard: int | None = None) -> list[str]:
     return parts if shard is None else [p for p in parts if part_shard(p) == shard]
 
 
-def existing_output(location: str | None) -> Folder:
-    """The output folder a reader of results (labels, gallery, status) was pointed at; it must hold parts."""
+def existing_output(location: str | None, summaries_too: bool = False) -> Folder:
+    """The output folder a reader of results (labels, gallery, status) was pointed at; it must hold
+    parts (or, `summaries_too`, the summary of a run that has not committed yet)."""
     if not location:
         raise ConfigError("output.dir is not set: point it at a kosmos-annotate output folder")
     folder = Folder(location)
-    if not committed_parts(folder):
+    names = folder.names()
+    if not any(PART.match(n) or (summaries_too and is_summary(n)) for n in names):
         raise ConfigError(f"output.dir={location!r} holds no part files: is it a kosmos-annotate output?")
     return folder

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from pipeline.errors import OutputError
+
 
 @contextmanager
 def flock(path: Path, blocking: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[IO[str]]:
@@ -49,42 +51,42 @@ class LeaseHeld(Exception):
 
 class Lease:
     """A lock for a folder in object storage, where no kernel lock reaches: the object `name` says
-    which run holds it (run id, host, pid) and until when. A thread renews it every `ttl / 3`; it is
-    free once expired, or at once when its holder is a dead process on this host (a killed run).
+    which run holds it and until when. A run is known by a random id it holds in memory (host and
+    pid are recorded for people: containers share host names and reuse pids); the lease is free once
+    expired, so a killed run's blocks a rerun for at most `ttl` seconds. A thread renews it every
+    `ttl / 3`; the holder reads it back before every commit (`check`) and stops if it is no longer its
+    own, and any renewal failure that is not a passing one (an OSError) stops the run too.
 
     Taking it writes our record, waits `settle` seconds and reads it back: of two runs that start
     together, the one whose record was overwritten backs off. (Object stores keep the last write;
     this protects against a second run on the same shard, not against writers started within
-    milliseconds of each other.) `lost` is set if another run took it over (we failed to renew).
+    milliseconds of each other: their parts carry their run ids, so neither overwrites the other's.)
     """
 
-    def __init__(self, folder, name: str, ttl: float = 600.0, settle: float = 1.0):
+    def __init__(self, folder, name: str, ttl: float = 120.0, settle: float = 1.0):
         self.folder, self.name, self.ttl, self.settle = folder, name, ttl, settle
-        self.record = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(), "expires": 0.0}
-        self.lost = False
+        self.run = uuid.uuid4().hex[:12]
+        self.record = {"run": self.run, "host": socket.gethostname(), "pid": os.getpid(), "expires": 0.0}
+        self.failure: str | None = None  # why the lease is no longer ours, or why renewing it failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def holder(self) -> dict | None:
-        """The record of whoever holds the lease now, if not expired and not a dead process here."""
+        """The record of whoever holds the lease now, if not expired."""
         try:
             record = json.loads(self.folder.read_text(self.name))
         except (FileNotFoundError, ValueError):
             return None
-        if record["expires"] < time.time():
-            return None
-        if record["host"] == socket.gethostname() and record["run"] != self.record["run"] and not alive(record["pid"]):
-            return None
-        return record
+        return record if record.get("expires", 0) >= time.time() else None
 
     def acquire(self, blocking: bool = False, on_wait: Callable[[], None] | None = None) -> None:
         while True:
             held = self.holder()
-            if held is None or held["run"] == self.record["run"]:
+            if held is None or held["run"] == self.run:
                 self._write()
                 time.sleep(self.settle)
                 held = self.holder()
-                if held is not None and held["run"] == self.record["run"]:
+                if held is not None and held["run"] == self.run:
                     break
             if not blocking:
                 raise LeaseHeld(held or {"run": "?", "pid": "?", "host": "?", "expires": time.time()})
@@ -95,13 +97,32 @@ class Lease:
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
 
+    def check(self, detail: str) -> None:
+        """Raise OutputError unless the lease is still ours: read back from the store, not assumed."""
+        if self.failure is None:
+            try:
+                held = self.holder()
+            except OSError as e:
+                held, self.failure = None, f"it could not be read back ({type(e).__name__}: {e})"
+            else:
+                if held is None or held["run"] != self.run:
+                    self.failure = "another run took it over" if held else "it expired before it could be renewed"
+        if self.failure is not None:
+            raise OutputError(
+                f"{self.folder} {self.name}: this run (id {self.run}) no longer holds the shard: {self.failure}; "
+                f"{detail}, a rerun annotates them again"
+            )
+
     def release(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        held = self.holder()
-        if held is not None and held["run"] == self.record["run"]:
-            self.folder.delete(self.name)
+        try:
+            held = self.holder()
+            if held is not None and held["run"] == self.run:
+                self.folder.delete(self.name)
+        except OSError:  # the store is unreachable: the lease expires by itself
+            pass
 
     def _write(self) -> None:
         self.record["expires"] = time.time() + self.ttl
@@ -111,20 +132,12 @@ class Lease:
         while not self._stop.wait(self.ttl / 3):
             try:
                 held = self.holder()
-                if held is not None and held["run"] != self.record["run"]:
-                    self.lost = True
+                if held is not None and held["run"] != self.run:
+                    self.failure = "another run took it over"
                     return
                 self._write()
             except OSError:  # the store is unreachable for now: try again at the next renewal
                 continue
-
-
-def alive(pid: int) -> bool:
-    """Whether a process of this host is running (a pid of someone else's counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+            except Exception as e:  # noqa: BLE001 - anything else ends the run at its next commit
+                self.failure = f"renewing it failed ({type(e).__name__}: {e})"
+                return
