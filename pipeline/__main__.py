@@ -1,4 +1,4 @@
-"""`python -m pipeline` / `kosmos-annotate`: compose the config, run the annotation, say how it went."""
+"""`python -m pipeline` / `kosmos-annotate`: compose the config and run the annotation."""
 
 from __future__ import annotations
 
@@ -17,21 +17,8 @@ def annotate(cfg: AppConfig) -> None:
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     output_dir = cfg.output.dir or hydra_dir
-    summary = run(cfg, output_dir)
+    run(cfg, output_dir)
     copy_hydra_record(hydra_dir, output_dir, cfg)
-    kinds = ", ".join(f"{k}: {n}" for k, n in summary.errors_by_kind.items())
-    log.info(
-        "Annotated %d images (%d errors%s) in %.1f s: %.2f images/s, %d entities, %d boxes%s. Output: %s",
-        summary.items,
-        summary.errors,
-        f" - {kinds}" if kinds else "",
-        summary.wall_seconds,
-        summary.images_per_s,
-        summary.entities,
-        summary.boxes,
-        f"; {summary.skipped} already done, skipped" if summary.skipped else "",
-        output_dir,
-    )
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ Logs go to stderr (conf/hydra/job_logging/stderr.yaml)."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 
 from pipeline.config import AppConfig, ExportConfig, GalleryConfig, LabelsConfig, StatusConfig
-from pipeline.errors import BAD_INVOCATION, BUG, UserError
+from pipeline.errors import BAD_INVOCATION, BUG, Stopped, UserError
 
 # The `conf/` tree beside the package, as an absolute path: Hydra resolves a relative config_path
 # against a package (not a folder) when the app starts from a console script.
@@ -48,6 +49,9 @@ def command(config_name: str, work: Callable, log: logging.Logger) -> None:
             work(OmegaConf.to_object(dict_cfg))
         except UserError as e:
             log.error("%s%s", e.label, e)
+            sys.exit(e.exit_code)
+        except Stopped as e:  # SIGTERM or SIGINT: what was finished is committed
+            log.warning("Stopped by %s; a rerun resumes where it stopped", signal.Signals(e.signum).name)
             sys.exit(e.exit_code)
 
     try:

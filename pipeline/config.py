@@ -185,6 +185,14 @@ class InputConfig:
     )
     limit: int | None = opt(None, "Only the first N items; null = all.")
     max_image_pixels: int = opt(100_000_000, "Images with more pixels are refused from their header, before decoding.")
+    max_image_bytes: int = opt(
+        128 * 2**20, "Image files, tar members and manifest cells larger than this are refused without being read."
+    )
+    read_retries: int = opt(3, "A read that fails in passing (a timeout, a refused token) is tried again this often...")
+    retry_seconds: float = opt(1.0, "...after this many seconds, doubling each time; then the row is an `io error`.")
+    decode_timeout: float = opt(
+        300.0, "An image still being read or decoded after this many seconds is a `timeout` row."
+    )
     decode_threads: int | None = opt(None, "Threads decoding images ahead of the model; null = the cores, 2 to 8.")
     num_shards: int = opt(1, "Split the input into this many shards (disjoint, covering).")
     shard_index: int = opt(0, "The shard this process annotates, 0 to num_shards - 1.")
@@ -199,6 +207,14 @@ class InputConfig:
             raise ConfigError(f"input.path is not set: say what to annotate, e.g. input.path={example[self.kind]}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"input.limit={self.limit} must be >= 0")
+        for key in ("max_image_pixels", "max_image_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"input.{key}={getattr(self, key)} must be >= 1")
+        if self.read_retries < 0 or self.retry_seconds < 0 or self.decode_timeout <= 0:
+            raise ConfigError(
+                f"input.read_retries={self.read_retries} and input.retry_seconds={self.retry_seconds} must be >= 0, "
+                f"input.decode_timeout={self.decode_timeout} > 0"
+            )
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ConfigError(
                 f"input.decode_threads={self.decode_threads} must be >= 1, or null (chosen for this machine)"
@@ -217,17 +233,26 @@ class OutputConfig:
     dir: str | None = opt(None, "The output folder, local or a URI (s3://bucket/prefix); null = the Hydra run folder.")
     mode: OutputMode = opt(
         OutputMode.resume,
-        "resume: skip items already committed; overwrite: start clean; error: refuse a folder with parts.",
+        "resume: skip items already committed; overwrite: start clean; error: refuse if this shard has parts.",
     )
     rows_per_file: int = opt(1000, "A part file is committed after this many rows...")
     flush_seconds: float = opt(300.0, "...or this many seconds after its first row, whichever comes first.")
     compression: Compression = opt(Compression.zstd, "Parquet compression of the parts.")
+    retry_errors: list[str] = opt(
+        ["io error", "file not found", "timeout"],
+        "Error kinds a rerun tries again: their rows are taken out of the committed parts and annotated anew.",
+    )
+    lease_seconds: float = opt(
+        120.0, "Object storage: a shard's lease lasts this long unless renewed (a killed run's blocks a rerun as long)."
+    )
 
     def validate(self) -> None:
         if self.rows_per_file < 1:
             raise ConfigError(f"output.rows_per_file={self.rows_per_file} must be >= 1")
         if self.flush_seconds <= 0:
             raise ConfigError(f"output.flush_seconds={self.flush_seconds} must be > 0")
+        if self.lease_seconds < 3:
+            raise ConfigError(f"output.lease_seconds={self.lease_seconds} must be >= 3 (it is renewed every third)")
 
 
 @dataclass

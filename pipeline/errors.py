@@ -13,6 +13,8 @@ BAD_INVOCATION = 2  # a config Hydra cannot compose, a bad value, an unusable in
 ABORTED = 3  # run.max_error_rate exceeded; committed work kept
 VERIFICATION_FAILED = 4  # kosmos-export verify=true: the export disagrees with transformers
 STALLED = 5  # kosmos-status: a shard says it runs but has not committed for stall_seconds
+COMMIT_FAILED = 6  # a part could not be written (disk full, storage refused): committed parts kept
+# A run stopped by SIGTERM or SIGINT exits 128 + the signal's number (143, 130), committed work kept.
 
 
 class UserError(ValueError):
@@ -46,6 +48,26 @@ class VerificationFailed(UserError):
 
     exit_code = VERIFICATION_FAILED
     label = "Verification failed: "
+
+
+class CommitFailed(UserError):
+    """A part could not be committed; the message says how many rows were not written and why."""
+
+    exit_code = COMMIT_FAILED
+    label = "Commit failed: "
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT: stop, keeping what is committed. A BaseException, as KeyboardInterrupt is,
+    so that nothing on the way catches it as an error."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class Stalled(UserError):

@@ -16,11 +16,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import OutputMode
 from pipeline.errors import OutputError
-from pipeline.records import Item, id_hash
+from pipeline.records import Item, error_kind, id_hash
 from pipeline.storage import layout
 from pipeline.storage.files import Folder
 from pipeline.storage.locks import Lease, LeaseHeld, flock
@@ -69,8 +70,32 @@ def todo(items: Iterator[Item], done: DoneIds, skipped: Counter) -> Iterator[Ite
         yield item
 
 
+def take_out_errors(folder: Folder, shard: int, kinds: list[str], compression: str) -> int:
+    """Take this shard's rows whose error is of one of `kinds` out of its committed parts, so that the
+    run annotates their items anew (output.retry_errors): a part is rewritten whole without them (in
+    place, atomically) or removed if nothing else is left. Returns how many rows were taken out."""
+    wanted = set(kinds)
+    taken = 0
+    for part in layout.committed_parts(folder, shard) if wanted else []:
+        with pq.ParquetFile(folder.open(part)) as f:
+            errors = f.read(columns=["error"]).column("error").to_pylist()
+        drop = [e is not None and error_kind(e) in wanted for e in errors]
+        if not any(drop):
+            continue
+        table = pq.read_table(folder.open(part))
+        keep = table.filter(pa.array([not d for d in drop]))
+        if keep.num_rows:
+            buffer = pa.BufferOutputStream()
+            pq.write_table(keep, buffer, compression=compression)
+            folder.write(part, buffer.getvalue().to_pybytes(), sync=True)
+        else:
+            folder.delete(part)
+        taken += sum(drop)
+    return taken
+
+
 @contextmanager
-def exclusive(folder: Folder, shard: int) -> Iterator[Lease | None]:
+def exclusive(folder: Folder, shard: int, lease_seconds: float = 120.0) -> Iterator[Lease | None]:
     """Hold this shard of the folder for the whole run; a second run on it is refused, naming the holder.
 
     On a local disk a kernel lock; in object storage a lease, renewed while the run lives and expiring
@@ -80,7 +105,7 @@ def exclusive(folder: Folder, shard: int) -> Iterator[Lease | None]:
         "(a rerun then resumes where it stopped) or choose another output.dir"
     )
     if folder.remote:
-        lease = Lease(folder, layout.lease_name(shard))
+        lease = Lease(folder, layout.lease_name(shard), ttl=lease_seconds)
         try:
             lease.acquire()
         except LeaseHeld as e:
@@ -92,10 +117,14 @@ def exclusive(folder: Folder, shard: int) -> Iterator[Lease | None]:
         return
     path = Path(folder.path(layout.lock_name(shard)))
     with ExitStack() as stack:
-        try:
-            f = stack.enter_context(flock(path, blocking=False))
-        except BlockingIOError:
-            raise OutputError(refused.format(path.read_text().strip() or "another process")) from None
+        for attempt in range(3):  # kosmos-status takes the lock for an instant to see whether it is free
+            try:
+                f = stack.enter_context(flock(path, blocking=False))
+                break
+            except BlockingIOError:
+                if attempt == 2:
+                    raise OutputError(refused.format(path.read_text().strip() or "another process")) from None
+                time.sleep(0.2)
         f.truncate(0)
         f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
@@ -117,6 +146,23 @@ def _one_at_a_time(folder: Folder) -> Iterator[None]:
         lease.release()
 
 
+def check_mode(folder: Folder, mode: OutputMode, shard: int) -> None:
+    """output.mode=error refuses a shard that already has parts; the other shards of a multirun,
+    started at other times, may have theirs."""
+    parts = layout.committed_parts(folder, shard)
+    if mode == OutputMode.error and parts:
+        raise OutputError(
+            f"output.dir={str(folder)!r} already holds {len(parts)} part files of shard {shard} and output.mode=error; "
+            "use output.mode=resume to continue it, output.mode=overwrite to start again, or another output.dir"
+        )
+
+
+def stale_summaries(folder: Folder, num_shards: int) -> list[str]:
+    """The summaries of runs with another number of shards (or of shards beyond it)."""
+    current = {layout.summary_name(k, num_shards) for k in range(num_shards)}
+    return [n for n in folder.names() if layout.is_summary(n) and n not in current]
+
+
 def prepare_folder(folder: Folder, mode: OutputMode, shard: int, num_shards: int, settings: dict) -> None:
     """Apply output.mode, and keep one result set per folder: results of other settings never mix.
 
@@ -126,12 +172,8 @@ def prepare_folder(folder: Folder, mode: OutputMode, shard: int, num_shards: int
     one at a time.
     """
     with _one_at_a_time(folder):
+        check_mode(folder, mode, shard)
         parts = layout.committed_parts(folder)
-        if mode == OutputMode.error and parts:
-            raise OutputError(
-                f"output.dir={str(folder)!r} already holds {len(parts)} part files and output.mode=error; "
-                "use output.mode=resume to continue it, output.mode=overwrite to start again, or another output.dir"
-            )
         recorded = json.loads(folder.read_text(layout.SETTINGS)) if folder.exists(layout.SETTINGS) else None
         if mode == OutputMode.overwrite:
             for part in parts:
@@ -139,6 +181,8 @@ def prepare_folder(folder: Folder, mode: OutputMode, shard: int, num_shards: int
                 if recorded != settings or part_shard == shard or part_shard >= num_shards:
                     folder.delete(part)
             parts = layout.committed_parts(folder)
+        for name in stale_summaries(folder, num_shards):  # of another shard count: status must not read them
+            folder.delete(name)
         if recorded is not None and recorded != settings and parts:
             changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
             detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)

@@ -7,14 +7,13 @@ continues where a killed one stopped and a scheduled rerun only annotates what i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import sources
@@ -22,27 +21,35 @@ from pipeline.annotate import decode as decoding
 from pipeline.annotate import resume, tasks
 from pipeline.annotate.preview import write_preview
 from pipeline.annotate.sink import ParquetSink
-from pipeline.annotate.summary import ScoreQuantiles, Summary, check_error_rate, now
-from pipeline.config import AppConfig, EngineConfig, InputConfig, PreviewConfig, plain
+from pipeline.annotate.stop import GracefulStop
+from pipeline.annotate.summary import RunRecord, ScoreQuantiles, Summary, check_error_rate, now
+from pipeline.config import AppConfig, EngineConfig, InputConfig, PreviewConfig
 from pipeline.engine import Engine
-from pipeline.errors import ConfigError, RunAborted
-from pipeline.export.store import ensure_export
+from pipeline.errors import ConfigError, RunAborted, Stopped
+from pipeline.export.store import check_source, ensure_export, export_dir, stale_reason
 from pipeline.hardware import check_device
 from pipeline.model import export_folder
 from pipeline.model.prompt import IMAGE_PROMPT_TOKENS
 from pipeline.model.runtime import KosmosModel, precision
 from pipeline.records import SCHEMA_VERSION, Entity, Item, output_schema
 from pipeline.storage import layout
-from pipeline.storage.files import Folder
+from pipeline.storage.files import Folder, check_location
 
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: AppConfig) -> None:
+def prepare(cfg: AppConfig, output_dir: str | Path) -> None:
     """Everything that can fail on the config or the input as a whole, before anything is written."""
     cfg.validate()
     check_device(cfg.engine)
+    check_location(cfg.input.path, "input.path")
+    check_location(output_dir, "output.dir")
     sources.open_source(cfg.input).check()
+    model_dir = export_dir(cfg.model)
+    if stale_reason(cfg.model, model_dir) is None:
+        check_positions(cfg.engine, model_dir)
+    else:
+        check_source(cfg.model)
 
 
 def result_settings(cfg: AppConfig, model_dir: Path) -> dict:
@@ -85,18 +92,17 @@ def check_positions(cfg: EngineConfig, model_dir: Path) -> None:
 
 
 def run(cfg: AppConfig, output_dir: str | Path) -> Summary:
-    """Annotate the input into `output_dir`: a local folder or a URI such as s3://bucket/prefix."""
+    """Annotate the input into `output_dir`: a local folder or a URI such as s3://bucket/prefix.
+
+    The summary says where the run stands from its first second (exporting, loading, running) to its
+    end (finished, stopped, aborted, failed, with the reason). Whatever ends it, the rows already
+    annotated are committed first; SIGTERM and SIGINT end it gracefully (annotate/stop.py)."""
     started = time.perf_counter()
-    prepare(cfg)
+    prepare(cfg, output_dir)
     schema = output_schema(sources.open_source(cfg.input).keep_fields())
-    model_dir = ensure_export(cfg.model, cfg.engine)  # may fail on the checkpoint: before the output folder is touched
-    check_positions(cfg.engine, model_dir)
     shard, num_shards, output = cfg.input.shard_index, cfg.input.num_shards, Folder(output_dir)
-    with resume.exclusive(output, shard) as lease:
-        resume.prepare_folder(output, cfg.output.mode, shard, num_shards, result_settings(cfg, model_dir))
-        done = resume.DoneIds(output)
-        if len(done):
-            log.info("Resuming: %d items are already in %s and will be skipped", len(done), output)
+    with GracefulStop() as stop, resume.exclusive(output, shard, cfg.output.lease_seconds) as lease:
+        resume.check_mode(output, cfg.output.mode, shard)
         summary = Summary(
             started_at=now(),
             host=socket.gethostname(),
@@ -105,59 +111,98 @@ def run(cfg: AppConfig, output_dir: str | Path) -> Summary:
             shard=f"{shard}/{num_shards}",
             model=cfg.model.source,
             weight_format=str(cfg.model.weight_format),
+            run=lease.run if lease else "",
         )
-
-        def write_summary(status: str = "running") -> None:
-            summary.status, summary.updated_at = status, now()
-            summary.parts = list(sink.parts)
-            summary.wall_seconds = round(time.perf_counter() - started, 2)
-            record = {**asdict(summary), "config": plain(cfg)}
-            output.write(layout.summary_name(shard, num_shards), json.dumps(record, indent=2, default=str))
-
-        sink = ParquetSink(output, schema, cfg.output, shard, on_commit=write_summary, lease=lease)
-        write_summary()
-        status = "failed"
-        try:
-            _annotate(cfg, model_dir, output, done, sink, summary, started)
-            status = "finished"
-        except RunAborted:
-            status = "aborted"
-            raise
-        finally:
-            sink.close()  # whatever happens, rows already annotated are committed
-            write_summary(status)
+        with RunRecord(output, summary, cfg, started) as record:
+            try:
+                _run(cfg, output, schema, lease, stop, record)
+            except RunAborted as e:
+                record.write("aborted", str(e))
+                raise
+            except BaseException as e:  # a refusal before the first summary leaves the last run's as it was
+                if record.written and isinstance(e, Stopped):
+                    record.write("stopped", f"{signal.Signals(e.signum).name} received")
+                elif record.written:
+                    record.write("failed", f"{type(e).__name__}: {e}")
+                raise
     return summary
 
 
-def _annotate(
-    cfg: AppConfig, model_dir: Path, output: Folder, done, sink: ParquetSink, summary: Summary, started: float
-) -> None:
+def _run(cfg: AppConfig, output: Folder, schema, lease, stop: GracefulStop, record: RunRecord) -> None:
+    summary, shard, num_shards = record.summary, cfg.input.shard_index, cfg.input.num_shards
+    if stale_reason(cfg.model, export_dir(cfg.model)) is not None:
+        record.write("exporting")
+    model_dir = ensure_export(cfg.model, cfg.engine)
+    check_positions(cfg.engine, model_dir)
+    resume.prepare_folder(output, cfg.output.mode, shard, num_shards, result_settings(cfg, model_dir))
+    retried = resume.take_out_errors(output, shard, cfg.output.retry_errors, str(cfg.output.compression))
+    if retried:
+        log.info("Trying again %d items whose rows had errors of the kinds in output.retry_errors", retried)
+    done = resume.DoneIds(output)
+    if len(done):
+        log.info("Resuming: %d items are already in %s and will be skipped", len(done), output)
+    record.write("loading")
     model = KosmosModel(model_dir, cfg.engine)
     engine = Engine(model, cfg.engine)
-    summary.load_seconds = round(time.perf_counter() - started, 2)
-    loaded = time.perf_counter()
-    scores = ScoreQuantiles()
-    skipped: Counter = Counter()
-    items = resume.todo(
-        sources.iter_items(cfg.input, keep=lambda item_id: done.count(resume.id_hash(item_id)) == 0), done, skipped
-    )
-    task = tasks.make_task(cfg, model)
-    with _progress() as bar:
-        for row in annotate_items(task, model, engine, items, cfg.input, cfg.preview, output.sub(layout.PREVIEWS)):
-            summary.add(row)
-            summary.skipped = skipped["done"]
-            scores.add(row)
-            summary.images_per_s = round(summary.items / max(time.perf_counter() - loaded, 1e-9), 3)
-            sink.add(row)  # after the counts: a commit records a summary that includes this row
-            bar.update(1)
-            bar.set_postfix(errors=summary.errors, entities=summary.entities, refresh=False)
-            check_error_rate(cfg.run, summary)
-    summary.skipped = skipped["done"]
-    sink.flush()
+    summary.load_seconds = round(time.perf_counter() - record.started, 2)
+
+    def committed() -> None:
+        record.parts = sink.parts
+        record.write("running")
+
+    sink = ParquetSink(output, schema, cfg.output, shard, on_commit=committed, lease=lease, on_failure=engine.stop)
+    record.write("running")
+    stop.on_stop = engine.stop  # from here a signal lets the rows in hand be committed
+    try:
+        _annotate(cfg, model, engine, output, done, sink, summary)
+    finally:
+        stop.on_stop = lambda: None  # a signal now: the commit below goes on, then the run stops
+        sink.close()  # whatever ended the loop, the rows already annotated are committed
+        record.parts = sink.parts
+    if stop.signum is not None:
+        raise Stopped(stop.signum)
     engine.times.seconds["parquet"] += sink.write_seconds
     summary.stage_seconds = {k: round(v, 2) for k, v in engine.times.seconds.items()}
     summary.images_encoded = engine.times.counts["images_encoded"]
-    summary.scores = scores.summary()
+    record.write("finished")
+    kinds = ", ".join(f"{k}: {n}" for k, n in summary.errors_by_kind.items())
+    log.info(
+        "Annotated %d images (%d errors%s) in %.1f s: %.2f images/s, %d entities, %d boxes%s. Output: %s",
+        summary.items,
+        summary.errors,
+        f" - {kinds}" if kinds else "",
+        summary.wall_seconds,
+        summary.images_per_s,
+        summary.entities,
+        summary.boxes,
+        f"; {summary.skipped} already done, skipped" if summary.skipped else "",
+        output,
+    )
+
+
+def _annotate(
+    cfg: AppConfig, model: KosmosModel, engine: Engine, output: Folder, done, sink: ParquetSink, summary: Summary
+) -> None:
+    loaded = time.perf_counter()
+    scores = ScoreQuantiles()
+    skipped: Counter = Counter()
+    keep = lambda item_id: done.count(resume.id_hash(item_id)) == 0  # noqa: E731
+    items = resume.todo(sources.iter_items(cfg.input, keep=keep), done, skipped)
+    task = tasks.make_task(cfg, model)
+    with _progress() as bar:
+        for row in annotate_items(task, model, engine, items, cfg.input, cfg.preview, output.sub(layout.PREVIEWS)):
+            with sink.lock:  # a commit by the timer records a summary: counts and rows must agree
+                summary.add(row)
+                summary.skipped = skipped["done"]
+                scores.add(row)
+                summary.images_per_s = round(summary.items / max(time.perf_counter() - loaded, 1e-9), 3)
+                sink.add(row)  # after the counts: a commit records a summary that includes this row
+            bar.update(1)
+            bar.set_postfix(errors=summary.errors, entities=summary.entities, refresh=False)
+            check_error_rate(cfg.run, summary)
+    with sink.lock:
+        summary.skipped = skipped["done"]
+        summary.scores = scores.summary()
 
 
 def annotate_items(
@@ -176,7 +221,7 @@ def annotate_items(
 
     def decode(item: Item) -> decoding.Decoded:
         began = time.perf_counter()
-        decoded = decoding.decode(item, preprocess, input_cfg.max_image_pixels)
+        decoded = decoding.decode(item, preprocess, input_cfg)
         engine.times.add("decode_preprocess", began)
         if decoded.image is not None and preview.enabled:  # keep only what the preview needs
             decoded.image.thumbnail((preview.max_side, preview.max_side))
@@ -185,7 +230,10 @@ def annotate_items(
         return decoded
 
     ahead = engine.batch_size * (engine.num_requests + 1)
-    decoded = decoding.ordered_map(decode, items, threads, ahead)
+    timeout = input_cfg.decode_timeout
+    decoded = decoding.ordered_map(
+        decode, items, threads, ahead, timeout, lambda item: decoding.timed_out(item, timeout)
+    )
     gens: list = []  # the generations of the current image, one per request
     for gen in engine.generate(tasks.requests(task, model, engine.cfg.max_new_tokens, decoded)):
         d, wanted = gen.tag

@@ -1,17 +1,24 @@
-"""A run's summary: counts, timings and score quantiles, rewritten at every part commit so that
-`kosmos-status` and a scheduled job can read where the run stands; and when to give up."""
+"""A run's record in its output folder: the summary (counts, timings, score quantiles, status),
+rewritten as the run goes so that `kosmos-status` and a scheduled job can read where it stands from
+its first second, and the run's log beside it; and when to give up (run.max_error_rate)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import RunConfig
+from pipeline.config import AppConfig, RunConfig, plain
 from pipeline.errors import RunAborted
 from pipeline.records import error_kind
+from pipeline.storage import layout
+from pipeline.storage.files import Folder
 
 
 def now() -> str:
@@ -20,9 +27,11 @@ def now() -> str:
 
 @dataclass
 class Summary:
-    # running (rewritten at every part commit) | finished | aborted | failed; a run killed outright
-    # stays `running`: kosmos-status then looks at its pid and its last commit.
-    status: str = "running"
+    # exporting | loading | running (rewritten at every part commit) | finished | stopped (a signal) |
+    # aborted (run.max_error_rate) | failed (`error` says why); a run killed outright stays what it
+    # was: kosmos-status then finds its lock free, or its lease expired.
+    status: str = "loading"
+    error: str | None = None
     started_at: str = ""
     updated_at: str = ""
     host: str = ""
@@ -48,6 +57,7 @@ class Summary:
     parts: list[str] = field(default_factory=list)
     model: str = ""
     weight_format: str = ""
+    run: str = ""  # the run's id (object storage: its lease and its parts carry it)
 
     def add(self, row: dict) -> None:
         """Count a row about to be committed."""
@@ -106,3 +116,52 @@ class ScoreQuantiles:
             }
             out[kind] = {"count": n, **(quantiles if n else {})}
         return out
+
+
+class RunRecord:
+    """Writes the summary (`_summary.json`, or `_summary-<shard>.json` for one of several shards) and
+    keeps the run's log in `_run.log` (`_run-<shard>.log`) beside it: appended to on a local disk,
+    uploaded whole with each summary in object storage."""
+
+    def __init__(self, folder: Folder, summary: Summary, cfg: AppConfig, started: float):
+        shard, num_shards = cfg.input.shard_index, cfg.input.num_shards
+        self.folder, self.summary, self.cfg, self.started = folder, summary, cfg, started
+        self.name, self.log_name = layout.summary_name(shard, num_shards), layout.run_log(shard, num_shards)
+        self.parts: list[str] = []
+        self.written = False  # the summary was written by this run
+        self._handler: logging.Handler | None = None
+        self._log_file: Path | None = None
+
+    def __enter__(self) -> RunRecord:
+        if self.folder.remote:
+            self._log_file = Path(tempfile.mkstemp(prefix="kosmos-run-", suffix=".log")[1])
+        else:
+            self._log_file = Path(self.folder.path(self.log_name))
+        self._handler = logging.FileHandler(self._log_file, mode="a", encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self._handler)
+        self._handler.close()
+        if self.folder.remote:
+            self._upload_log()
+            self._log_file.unlink(missing_ok=True)
+
+    def write(self, status: str | None = None, error: str | None = None) -> None:
+        summary = self.summary
+        summary.status = status or summary.status
+        summary.error = error or summary.error
+        summary.updated_at = now()
+        summary.parts = list(self.parts)
+        summary.wall_seconds = round(time.perf_counter() - self.started, 2)
+        record = {**asdict(summary), "config": plain(self.cfg)}
+        self.folder.write(self.name, json.dumps(record, indent=2, default=str))
+        self.written = True
+        if self.folder.remote and self._handler is not None:
+            self._upload_log()
+
+    def _upload_log(self) -> None:
+        self._handler.flush()
+        self.folder.write(self.log_name, self._log_file.read_bytes())

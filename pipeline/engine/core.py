@@ -41,11 +41,12 @@ class Engine:
             Runner(model, cfg.max_new_tokens, self.batch_size, self.times) for _ in range(self.num_requests)
         ]
         self.runners[0].warm_up()  # the runners share the compiled graphs: once is enough
+        self._feed: Feed | None = None
         log.info("Engine: %d rows per decoder step, %d decoders", self.batch_size, self.num_requests)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Generation]:
         """Stream generations in input order, every decoder on its own thread."""
-        feed = Feed(requests, 4 * self.batch_size * self.num_requests, len(self.runners))
+        feed = self._feed = Feed(requests, 4 * self.batch_size * self.num_requests, len(self.runners))
         threads = [
             threading.Thread(target=self._work, args=(r, feed), name=f"kosmos-decoder-{i}", daemon=True)
             for i, r in enumerate(self.runners)
@@ -58,6 +59,11 @@ class Engine:
             feed.stop()
             for t in threads:
                 t.join()
+
+    def stop(self) -> None:
+        """End the generation under way after the results already done (a signal handler may call it)."""
+        if self._feed is not None:
+            self._feed.stop()
 
     def _work(self, runner: Runner, feed: Feed) -> None:
         """One decoder's loop: admit new images' rows when enough rows are free, else step every row."""

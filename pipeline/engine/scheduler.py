@@ -46,7 +46,7 @@ class Feed:
         self._exhausted = False
         self._taken = 0  # requests handed out or passed through
         self._read = threading.Lock()
-        self._results = threading.Condition()
+        self._results = threading.Condition(threading.RLock())
         self._done: dict[int, Generation] = {}
         self._next = 0  # the next index to give back
         self._running = decoders  # decoder threads still at work
@@ -112,9 +112,10 @@ class Feed:
             self._results.notify_all()
 
     def results(self) -> Iterator[Generation]:
+        """Generations in input order; once stopped, only those already done in order."""
         while True:
             with self._results:
-                while self._next not in self._done and self._running and self.error is None:
+                while self._next not in self._done and self._running and self.error is None and not self.stopped:
                     self._results.wait()
                 if self.error is not None:
                     raise self.error
@@ -126,6 +127,7 @@ class Feed:
             yield generation
 
     def stop(self) -> None:
+        """Stop taking work and giving results (callable from a signal handler: the lock is re-entrant)."""
         with self._results:
             self.stopped = True
             self._results.notify_all()

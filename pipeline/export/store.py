@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline.export.quantize import compress, static_decoder_wanted
 from pipeline.export.verify import as_record, report, verify
 from pipeline.model.export_folder import GRAPHS, MANIFEST, read_manifest
 from pipeline.model.prompt import IMAGE_TOKENS
-from pipeline.storage.files import write_text
+from pipeline.storage.files import atomic_folder, write_text
 from pipeline.storage.locks import flock
 
 log = logging.getLogger(__name__)
@@ -147,15 +146,47 @@ def load_checkpoint(cfg: ModelConfig):
             cfg.source, dtype="float32", use_safetensors=True, attn_implementation="eager", **kwargs
         )
     except OSError as e:
-        local = Path(cfg.source).expanduser().is_dir()
-        hint = (
-            "check that the folder holds a save_pretrained checkpoint (config.json, model.safetensors, processor files)"
-            if local
-            else "if this machine is offline, download the checkpoint elsewhere (save_pretrained) and set "
-            "model.source=/path/to/that/folder"
-        )
-        raise ConfigError(f"cannot load model.source={cfg.source!r}: {str(e).splitlines()[0]}; {hint}") from None
+        raise _unloadable(cfg, str(e).splitlines()[0]) from None
     return model.eval(), processor
+
+
+def _unloadable(cfg: ModelConfig, reason: str) -> ConfigError:
+    local = Path(cfg.source).expanduser().is_dir()
+    hint = (
+        "check that the folder holds a save_pretrained checkpoint (config.json, model.safetensors, processor files)"
+        if local
+        else "if this machine is offline, download the checkpoint elsewhere (save_pretrained) and set "
+        "model.source=/path/to/that/folder"
+    )
+    return ConfigError(f"cannot load model.source={cfg.source!r}: {reason}; {hint}")
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """Before anything is written: where an export must be made, its checkpoint can be had, or the
+    run fails now, in seconds (a local folder without config.json; a hub id not cached on a machine
+    that is offline, or that the hub does not answer for)."""
+    if stale_reason(cfg, export_dir(cfg)) is None:
+        return
+    source = Path(cfg.source).expanduser()
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise _unloadable(cfg, "the folder has no config.json")
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        if not isinstance(
+            huggingface_hub.try_to_load_from_cache(cfg.source, "config.json", revision=cfg.revision), str
+        ):
+            raise _unloadable(cfg, "HF_HUB_OFFLINE is set and the checkpoint is not in the Hugging Face cache")
+        return
+    try:
+        huggingface_hub.model_info(cfg.source, revision=cfg.revision, timeout=10)
+    except Exception as e:  # noqa: BLE001 - no route, no such repository, refused: all say the same to the user
+        raise _unloadable(
+            cfg, f"the hub did not answer for it ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def _versions() -> dict:
@@ -183,8 +214,7 @@ def _export(cfg: ModelConfig, path: Path, engine: EngineConfig) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _refuse_foreign_folder(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         _save(models, tmp, cfg)
         processor.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
@@ -202,10 +232,6 @@ def _export(cfg: ModelConfig, path: Path, engine: EngineConfig) -> None:
                 record = _weights_only_decoder(tmp, manifest, record, model, processor, cfg, engine, started)
             manifest["verification"] = record
             _write_manifest(tmp, manifest, started)
-        _replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("Exported to %s in %.1f s", path, time.perf_counter() - started)
 
 
@@ -280,14 +306,3 @@ def _refuse_foreign_folder(path: Path) -> None:
             f"model.dir={str(path)!r} holds other files and is not a kosmos-annotate export; "
             "choose an empty or new folder"
         )
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename the finished export into place; an older export is moved aside first, then removed."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-    tmp.rename(path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
