@@ -17,17 +17,18 @@ import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
+from pipeline.annotate.decode import open_rgb
 from pipeline.annotate.preview import colour, preview_name, write_preview
 from pipeline.cli import command
-from pipeline.config import GalleryConfig
+from pipeline.config import GalleryConfig, InputConfig
 from pipeline.errors import ConfigError
 from pipeline.records import columns
 from pipeline.storage import layout
-from pipeline.storage.files import Folder, is_remote, write_text
+from pipeline.storage.files import Folder, is_remote, read_bytes, write_text
 
 log = logging.getLogger("kosmos-gallery")
+GUARDS = InputConfig()  # the default guards against huge images
 PAGE = Path(__file__).with_name("gallery.html")  # the page; the rows come in as pages/*.js
 COLUMNS = columns("id", "source", "width", "height", "caption", "entities", "error")
 
@@ -52,9 +53,8 @@ def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> tuple[str | 
     upright image), for the page to draw boxes on; else the run's preview, boxes drawn in; else none."""
     name = preview_name(row["id"])
     for source, drawn in ((Path(row["source"]), False), (folder / layout.PREVIEWS / name, True)):
-        try:
-            with Image.open(source) as im:
-                image = ImageOps.exif_transpose(im).convert("RGB")
+        try:  # under the run's guards: the raster formats, input.max_image_bytes and max_image_pixels
+            image = open_rgb(read_bytes(source, GUARDS.max_image_bytes), GUARDS.max_image_pixels)
         except (OSError, ValueError):
             continue
         image.thumbnail((side, side))

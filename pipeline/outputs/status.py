@@ -15,11 +15,11 @@ from __future__ import annotations
 import calendar
 import json
 import logging
-import socket
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,7 +32,7 @@ from pipeline.records import error_kind
 from pipeline.sources import open_source
 from pipeline.storage import layout
 from pipeline.storage.files import Folder
-from pipeline.storage.locks import alive
+from pipeline.storage.locks import flock
 
 log = logging.getLogger("kosmos-status")
 
@@ -40,7 +40,8 @@ log = logging.getLogger("kosmos-status")
 @dataclass
 class ShardStatus:
     shard: int
-    state: str  # running | stalled | killed | finished | aborted | failed | unknown (no summary)
+    # exporting | loading | running | stalled | killed | finished | stopped | aborted | failed | unknown (no summary)
+    state: str
     done: int  # rows in committed parts
     errors: dict[str, int]
     images_per_s: float | None  # of its latest run, once loaded
@@ -58,11 +59,11 @@ def shard_status(folder: Folder, shard: int, summary: dict | None, stall_seconds
     now = time.time()
     last = max((folder.mtime(p) for p in parts), default=None)
     state = summary["status"] if summary else "unknown"
-    if state == "running":
-        started = calendar.timegm(time.strptime(summary["started_at"], "%Y-%m-%dT%H:%M:%SZ"))
-        if summary.get("host") == socket.gethostname() and not alive(summary.get("pid", 0)):
+    if state in LIVE:
+        updated = calendar.timegm(time.strptime(summary["updated_at"] or summary["started_at"], "%Y-%m-%dT%H:%M:%SZ"))
+        if not held(folder, shard, summary):
             state = "killed"
-        elif now - max(last or 0.0, started) > stall_seconds:
+        elif now - max(last or 0.0, updated) > stall_seconds:
             state = "stalled"
     return ShardStatus(
         shard=shard,
@@ -74,17 +75,45 @@ def shard_status(folder: Folder, shard: int, summary: dict | None, stall_seconds
     )
 
 
-def _summaries(folder: Folder) -> dict[int, dict]:
-    out = {}
+LIVE = ("exporting", "loading", "running")
+
+
+def held(folder: Folder, shard: int, summary: dict) -> bool:
+    """Whether a run still holds the shard: its lock on a local disk (a kernel lock dies with its
+    process, whatever its host or pid), its lease, unexpired and its own, in object storage."""
+    if folder.remote:
+        try:
+            lease = json.loads(folder.read_text(layout.lease_name(shard)))
+        except (FileNotFoundError, ValueError):
+            return False
+        return lease.get("expires", 0) >= time.time() and lease.get("run") == summary.get("run")
+    path = Path(folder.path(layout.lock_name(shard)))
+    if not path.exists():
+        return False
+    try:
+        with flock(path, blocking=False):
+            return False
+    except BlockingIOError:
+        return True
+
+
+def _summaries(folder: Folder) -> tuple[dict[int, dict], int]:
+    """The summaries of the folder's latest shard layout (its shards' count), by shard, and that count:
+    a summary left by a run with another number of shards says nothing of the shards now."""
+    records = []
     for name in folder.names():
         if not layout.is_summary(name):
             continue
         try:
-            record = json.loads(folder.read_text(name))
+            records.append(json.loads(folder.read_text(name)))
         except (OSError, ValueError):
             continue
-        out[int(record.get("shard", "0/1").split("/")[0])] = record
-    return out
+    if not records:
+        return {}, 0
+    latest = max(records, key=lambda r: r.get("updated_at") or r.get("started_at") or "")
+    num_shards = int(latest.get("shard", "0/1").split("/")[1])
+    current = [r for r in records if int(r.get("shard", "0/1").split("/")[1]) == num_shards]
+    return {int(r.get("shard", "0/1").split("/")[0]): r for r in current}, num_shards
 
 
 def count_input(record: dict) -> int | None:
@@ -105,10 +134,10 @@ def count_input(record: dict) -> int | None:
 
 
 def status(cfg: StatusConfig) -> dict:
-    folder = layout.existing_output(cfg.output.dir)
-    summaries = _summaries(folder)
-    shards_seen = {layout.part_shard(p) for p in layout.committed_parts(folder)} | set(summaries)
-    num_shards = max([int(r.get("shard", "0/1").split("/")[1]) for r in summaries.values()] + [max(shards_seen) + 1])
+    folder = layout.existing_output(cfg.output.dir, summaries_too=True)
+    summaries, num_shards = _summaries(folder)
+    if not summaries:  # parts alone (a folder copied without its summaries): as many shards as they name
+        num_shards = max(layout.part_shard(p) for p in layout.committed_parts(folder)) + 1
     shards = [shard_status(folder, k, summaries.get(k), cfg.stall_seconds) for k in range(num_shards)]
     done = sum(s.done for s in shards)
     total = count_input(next(iter(summaries.values()))) if cfg.count_input and summaries else None
