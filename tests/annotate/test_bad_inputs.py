@@ -19,6 +19,7 @@ from pipeline.config import InputConfig
 from pipeline.records import Item
 from tests.helpers import EXAMPLES, REPO, config, entity_view, expected
 
+GUARDS = InputConfig(path="photos")
 CORPUS = REPO / "tests" / "data" / "pillow_corpus"
 OUTCOMES = json.loads((CORPUS / "pillow_outcomes.json").read_text())["files"]
 
@@ -116,7 +117,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     gray = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     buf = io.BytesIO()
     Image.fromarray(gray).save(buf, "PNG")
-    decoded = decode(Item(id="x", source="m", data=buf.getvalue()), lambda im: None, 10**8)
+    decoded = decode(Item(id="x", source="m", data=buf.getvalue()), lambda im: None, GUARDS)
     values = np.asarray(decoded.image)[..., 0]
     assert values.min() == 0 and values.max() == 255 and 100 < values.mean() < 155
 
@@ -125,8 +126,8 @@ def test_permission_denied_is_an_item_error(monkeypatch):
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("pipeline.annotate.decode.Image.open", refuse)
-    decoded = decode(Item(id="x", source="/secret.jpg", path="/secret.jpg"), lambda im: None, 10**8)
+    monkeypatch.setattr("pipeline.storage.files.read_bytes", refuse)
+    decoded = decode(Item(id="x", source="/secret.jpg", path="/secret.jpg"), lambda im: None, GUARDS)
     assert decoded.error == "permission denied: /secret.jpg"
 
 

@@ -9,11 +9,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.annotate.decode import decode, ordered_map
+from pipeline.config import InputConfig
 from pipeline.model.processor import Processor
 from pipeline.records import Item
 from tests.helpers import EXAMPLES
 
-GUARD = 100_000_000
+GUARD = InputConfig(path="photos")
 
 
 def item_of(image: Image.Image, fmt: str = "PNG", **save) -> Item:
@@ -60,7 +61,7 @@ def test_exif_orientation_is_applied(preprocess):
 
 def test_pixel_guard_refuses_before_decoding(preprocess):
     big = Image.new("RGB", (4000, 3000))
-    decoded = decode(item_of(big), preprocess, max_pixels=10_000_000)
+    decoded = decode(item_of(big), preprocess, InputConfig(path="photos", max_image_pixels=10_000_000))
     assert decoded.error.startswith("too many pixels: 4000x3000 = 12 Mpx, over input.max_image_pixels=10000000")
     assert decoded.pixel_values is None
 

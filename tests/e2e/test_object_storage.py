@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -24,7 +26,7 @@ from pipeline.errors import InputError, OutputError
 from pipeline.storage import files
 from pipeline.storage.files import Folder
 from pipeline.storage.locks import Lease, LeaseHeld
-from tests.helpers import REPO, config, example_images, model_overrides
+from tests.helpers import EXAMPLES, REPO, annotate, config, example_images, model_overrides
 
 SECRET = "kosmos-test-secret-" + uuid.uuid4().hex[:8]
 
@@ -174,8 +176,9 @@ def test_missing_objects_are_error_rows_and_a_missing_prefix_is_refused(trained_
 
 
 def test_kill_9_then_resume_in_a_bucket(trained_checkpoint, trained_export, bucket, many_images, tmp_path):
-    """Killed after committing some parts: no half part appears, the killed run's lease does not
-    block the rerun on this host, and the rerun ends with every row once."""
+    """Killed after committing some parts: no half part appears, the killed run's lease blocks a
+    rerun until it expires (output.lease_seconds: whatever the host names and pids, no other run can
+    take a live lease), and the rerun ends with every row once."""
     out = f"{bucket}/killed"
     args = [
         sys.executable,
@@ -186,6 +189,7 @@ def test_kill_9_then_resume_in_a_bucket(trained_checkpoint, trained_export, buck
         "output.rows_per_file=2",
         "engine.batch_size=2",
         "engine.num_requests=1",
+        "output.lease_seconds=6",
         *model_overrides(trained_checkpoint, trained_export),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -198,6 +202,9 @@ def test_kill_9_then_resume_in_a_bucket(trained_checkpoint, trained_export, buck
     child.wait()
     committed = bucket_rows(out)
     assert 6 <= len(committed) < 24 and ".lease-00000.json" in keys(out)
+    refused = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "is being written by run" in refused.stderr  # its lease is live
+    time.sleep(max(0.0, json.loads(Folder(out).read_text(".lease-00000.json"))["expires"] - time.time()) + 0.5)
 
     child = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert child.wait(timeout=300) == 0, child.stderr.read()[-2000:]
@@ -210,7 +217,7 @@ def test_a_live_lease_refuses_a_second_run_and_an_expired_one_is_taken_over(buck
     folder = Folder(f"{bucket}/leased")
     with exclusive(folder, 0) as lease:
         assert lease is not None and json.loads(folder.read_text(".lease-00000.json"))["pid"] == os.getpid()
-        with pytest.raises(OutputError, match=f"being written by run {lease.record['run']} \\(pid {os.getpid()}"):
+        with pytest.raises(OutputError, match=f"being written by run {lease.run} \\(pid {os.getpid()}"):
             with exclusive(folder, 0):
                 pass
         with exclusive(folder, 1):  # another shard is free
@@ -225,10 +232,10 @@ def test_a_live_lease_refuses_a_second_run_and_an_expired_one_is_taken_over(buck
     taken = Lease(folder, ".lease-00000.json", ttl=3, settle=0.1)
     taken.acquire()
     time.sleep(2.5)  # renewed by its thread (every ttl / 3): still held past the first expiry
-    assert taken.holder()["run"] == taken.record["run"]
+    assert taken.holder()["run"] == taken.run
     folder.write(".lease-00000.json", json.dumps({**other, "expires": time.time() + 60}))  # someone took it over
     time.sleep(1.5)
-    assert taken.lost
+    assert taken.failure == "another run took it over"
     taken.release()
     assert json.loads(folder.read_text(".lease-00000.json"))["run"] == "elsewhere"  # not ours to remove
 
@@ -251,3 +258,78 @@ def test_status_reads_a_bucket(trained_checkpoint, trained_export, bucket, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["done"] == 3 and report["total"] == 3 and report["shards"][0]["state"] == "finished"
+
+
+def test_a_lease_belongs_to_a_run_not_to_a_host_and_pid(bucket):
+    """Containers share host names and reuse pids: a lease whose pid does not exist here was taken
+    as a dead run's, so two containers could both hold a shard."""
+    folder = Folder(f"{bucket}/hosts")
+    record = {"run": "0123456789ab", "host": socket.gethostname(), "pid": 2**22 - 7, "expires": time.time() + 60}
+    folder.write(".lease-00000.json", json.dumps(record))
+    with pytest.raises(OutputError, match="being written by run 0123456789ab"):
+        with exclusive(folder, 0):
+            pass
+
+
+def test_a_run_that_lost_its_lease_commits_nothing_more(trained_checkpoint, trained_export, bucket, tmp_path):
+    """The holder reads its lease back before every commit (before, only at the renewal interval),
+    and its parts carry its run id, so two holders never overwrite each other's parts."""
+    out = f"{bucket}/lost"
+    cfg = config(trained_checkpoint, trained_export, InputConfig(path=str(EXAMPLES)), out, output={"rows_per_file": 2})
+    write = Folder.write
+
+    def taken_over(self, name, data, sync=False):
+        if name.startswith("part-") and any(n.startswith("part-") for n in self.names()):
+            other = {"run": "fedcba987654", "host": "elsewhere", "pid": 1, "expires": time.time() + 60}
+            write(self, ".lease-00000.json", json.dumps(other))
+        return write(self, name, data, sync)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Folder, "write", taken_over)
+        with pytest.raises(OutputError, match="no longer holds the shard: another run took it over"):
+            run(cfg, out)
+    parts = [k for k in keys(out) if k.startswith("part-")]
+    summary = json.loads(Folder(out).read_text("_summary.json"))
+    assert len(parts) == 2 and all(re.fullmatch(rf"part-00000-0000\d-{summary['run']}\.parquet", p) for p in parts)
+
+
+def test_a_renewal_that_fails_for_good_ends_the_run(bucket):
+    folder = Folder(f"{bucket}/renewal")
+    lease = Lease(folder, ".lease-00000.json", ttl=3, settle=0.1)
+    lease.acquire()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lease, "_write", lambda: (_ for _ in ()).throw(ValueError("credentials expired for good")))
+        time.sleep(1.5)
+    with pytest.raises(OutputError, match="renewing it failed \\(ValueError: credentials expired for good\\)"):
+        lease.check("12 rows were not committed")
+    lease.release()
+
+
+def test_credentials_in_a_uri_and_unknown_options_are_refused(trained_checkpoint, trained_export, bucket, tmp_path):
+    """They were accepted and copied into `source`, the summaries and the logs; an unknown query
+    parameter was dropped without a word."""
+    name = bucket.removeprefix("s3://")
+    model = model_overrides(trained_checkpoint, trained_export)
+    for output, message in [
+        (f"s3://AKIAEXAMPLE:{SECRET}@{name}/out", "holds credentials"),
+        (f"{bucket}/out?endpoint=nowhere", "Unexpected query parameter in S3 URI: 'endpoint'"),
+    ]:
+        proc, _ = annotate(f"input.path={EXAMPLES}", f"output.dir='{output}'", *model, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and SECRET not in proc.stderr, proc.stderr[-2000:]
+    assert keys(bucket) == []
+
+
+def test_the_store_options_of_a_uri_are_used(trained_checkpoint, trained_export, bucket, tmp_path):
+    """`?endpoint_override=` and `scheme=` reach the S3 client (before, the query string was dropped)."""
+    endpoint = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
+    photo = example_images()[0]
+    upload(f"{bucket}/q/{photo.name}", photo.read_bytes())
+    with pytest.MonkeyPatch.context() as m:
+        m.delenv("AWS_ENDPOINT_URL")
+        files._filesystem.cache_clear()
+        query = f"?endpoint_override={endpoint}&scheme=http"
+        out = f"{bucket}/q-out{query}"
+        run(config(trained_checkpoint, trained_export, InputConfig(path=f"{bucket}/q{query}"), out), out)
+        rows = bucket_rows(out)
+    files._filesystem.cache_clear()
+    assert [(r["id"], r["error"]) for r in rows] == [(photo.name, None)]

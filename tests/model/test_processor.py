@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.annotate.decode import decode
+from pipeline.config import InputConfig
 from pipeline.model.grounding import Tags
 from pipeline.model.processor import Processor
 from pipeline.model.prompt import ground
@@ -81,7 +82,9 @@ def test_pixel_values_of_every_kind_of_image(pair):
     base = images[0].resize((64, 48))
     for mode in ["L", "LA", "RGBA", "P", "CMYK", "1"]:
         images.append(
-            decode(Item(id=mode, source="mem", data=_encoded(base.convert(mode))), mine.pixel_values, 10**8).image
+            decode(
+                Item(id=mode, source="mem", data=_encoded(base.convert(mode))), mine.pixel_values, InputConfig(path="x")
+            ).image
         )
     for image in images:
         want = theirs.image_processor(image, return_tensors="np")["pixel_values"][0]

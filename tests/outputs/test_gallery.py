@@ -61,3 +61,14 @@ def test_thumbnails_of_phone_photos_are_upright(tmp_path):
     assert (
         image[: image.shape[0] // 4].mean() > 200 and image[image.shape[0] // 2 :].mean() < 30
     )  # the white band on top
+
+
+def test_a_huge_source_image_is_left_without_a_thumbnail(tmp_path):
+    """200 Mpx in a few kB: before, Pillow's DecompressionBombError ended the gallery."""
+    Image.new("1", (20000, 10000)).save(tmp_path / "huge.png")
+    row = {"id": "huge.png", "source": str(tmp_path / "huge.png"), "width": 20000, "height": 10000, "prompt": "p",
+           "caption": "x", "token_ids": [1], "error": None, "entities": []}  # fmt: skip
+    out = write_rows(tmp_path / "out", [row])
+    assert write_gallery(build(GalleryConfig, {"output.dir": str(out)}))["rows"] == 1
+    thumbs = out / "_gallery" / "thumbs"
+    assert not thumbs.exists() or not any(thumbs.iterdir())

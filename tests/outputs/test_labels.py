@@ -15,7 +15,7 @@ from pipeline.annotate.run import run
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
 from pipeline.records import SCHEMA
-from tests.helpers import EXAMPLES, REPO, config, labels
+from tests.helpers import EXAMPLES, REPO, config, labels, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +297,51 @@ def test_labelstudio_image_references(scored_folder, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         labels(scored_folder, "labelstudio", tmp_path / "t.json")
     assert "Label Studio cannot open" in caplog.text
+
+
+def hostile_rows(images: Path) -> list[dict]:
+    box = {"x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": 0.9}
+    entity = {"phrase": "a cat", "start": 0, "end": 5, "score": 0.9, "boxes": [box]}
+    ids = ["", ".", "a\x00b.jpg", "../../outside.jpg", "/abs/x.jpg", "tab\tid.png", "new\nline.png", 'q"uote.png']
+    ids += ["ok/a.jpg", "ok/a.png", "x" * 300 + ".jpg"]
+    return [
+        {"id": i, "source": str(images / "chelsea.png"), "width": 400, "height": 300, "prompt": "p", "caption": "a cat",
+         "token_ids": [1], "entities": [entity], "error": None}
+        for i in ids
+    ]  # fmt: skip
+
+
+def test_yolo_takes_any_id_and_writes_only_inside_its_folder(tmp_path):
+    """Absolute and `../` ids aborted the export halfway; "", "." and NUL gave a traceback; a tab or
+    a newline corrupted ids.tsv."""
+    import csv
+
+    rows = hostile_rows(EXAMPLES)
+    folder = write_rows(tmp_path / "out", rows)
+    dest = tmp_path / "yolo"
+    assert labels(folder, "yolo", dest) == {"images": len(rows), "boxes": len(rows)}
+    written = [p for p in dest.rglob("*.txt") if p.name != "classes.txt"]
+    assert len(written) == len(rows) and all(p.resolve().is_relative_to((dest / "labels").resolve()) for p in written)
+    with open(dest / "ids.tsv", newline="") as f:
+        table = list(csv.reader(f, delimiter="\t"))
+    assert [r[1] for r in table[1:]] == [r["id"] for r in rows]
+    assert all((dest / r[0]).read_text().startswith("0 ") for r in table[1:])
+    assert not list(tmp_path.glob(".yolo*"))
+
+
+def test_a_failed_export_leaves_no_half_dataset(tmp_path, monkeypatch):
+    from pipeline.outputs.labels import yolo
+
+    folder = write_rows(tmp_path / "out", hostile_rows(EXAMPLES))
+    real = yolo.rows
+
+    def breaks(folder):
+        for k, row in enumerate(real(folder)):
+            if k == 3:
+                raise OSError(28, "No space left on device")
+            yield row
+
+    monkeypatch.setattr(yolo, "rows", breaks)
+    with pytest.raises(OSError):
+        labels(folder, "yolo", tmp_path / "yolo")
+    assert not (tmp_path / "yolo").exists() and not list(tmp_path.glob(".yolo*"))

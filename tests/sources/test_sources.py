@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pytest
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.sources import iter_items, open_source
+from tests.helpers import REPO
 
 
 def check(cfg: InputConfig) -> None:
@@ -225,3 +227,63 @@ def test_tars_are_split_by_file_when_there_are_enough(tmp_path):
         if by_file:
             assert shares[0] == every[: len(shares[0])]  # contiguous
             assert abs(len(shares[0]) - len(shares[1])) <= 3
+
+
+@pytest.mark.parametrize(
+    "column, values, message",
+    [
+        ("classes", ["dog, cat", "person"], "column 'classes' is string; it must hold lists of strings"),
+        ("q", [1, 2], "column 'q' is int64; it must hold strings"),
+        ("image", [1.5, 2.5], "column 'image' is double; it must hold paths, image bytes or {bytes, path} structs"),
+        ("key", [[1], [2]], "column 'key' is list<element: int64>; it must hold strings or integers"),
+    ],
+)
+def test_columns_of_the_wrong_type_are_refused_by_name(tmp_path, column, values, message):
+    """A `phrases` column of strings grounded each character (['d', 'o', 'g']); an integer prompt passed."""
+    table = {"image": ["a.jpg", "b.jpg"], "classes": [["dog"], ["cat"]], "q": ["x", "y"], "key": ["a", "b"]}
+    table[column] = values
+    pq.write_table(pa.table(table), tmp_path / "m.parquet")
+    cfg = InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), phrases_column="classes", prompt_column="q",
+                      id_column="key")  # fmt: skip
+    with pytest.raises(InputError, match=re.escape(message)):
+        check(cfg)
+
+
+def test_the_folder_walk_takes_regular_files_only(tmp_path):
+    """A FIFO named like an image blocked its decode for ever, at every rerun."""
+    import os
+    import socket
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "socket.jpg"))
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "none.jpg")
+    assert [i.id for i in iter_items(InputConfig(path=str(tmp_path)))] == ["a.jpg", "link.jpg"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM in /proc/self/status")
+def test_a_manifest_is_read_in_pieces_whatever_its_row_groups(tmp_path):
+    """256 MB of image bytes in one row group, as pyarrow writes by default: reading its first rows
+    took the whole row group (twice) before its first item; now the data pages being read."""
+    import os
+    import subprocess
+    import sys
+
+    blobs = [os.urandom(20_000) for _ in range(12_800)]
+    pq.write_table(pa.table({"image": blobs}), tmp_path / "m.parquet")
+    assert pq.ParquetFile(tmp_path / "m.parquet").metadata.num_row_groups == 1
+    code = (
+        "import sys; from pipeline.config import InputConfig; from pipeline.sources import iter_items\n"
+        "hwm = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024\n"
+        "base = hwm()\n"
+        "items = iter_items(InputConfig(kind='parquet', path=sys.argv[1]))\n"
+        "first = [next(items).data for _ in range(200)]\n"
+        "print(hwm() - base)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", code, str(tmp_path / "m.parquet")]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip()) < 120, proc.stdout  # a data page of 1,024 rows is 20 MB
