@@ -34,7 +34,7 @@ from bench.harness import (
     tf_dtype,
     transformers_child,
 )
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig, TaskConfig
 from pipeline.model.prompt import ground
 

@@ -41,7 +41,7 @@ from bench.harness import (
     tf_dtype,
     transformers_child,
 )
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig
 from pipeline.engine import core
 from pipeline.model.prompt import CAPTION

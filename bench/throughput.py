@@ -33,8 +33,8 @@ from bench.harness import (
     run_child,
     transformers_child,
 )
-from pipeline.annotate.run import run
-from pipeline.annotate.sink import ParquetSink
+from pipeline.annotation.run import run
+from pipeline.annotation.sink import ParquetSink
 from pipeline.config import AppConfig, EngineConfig, InputConfig, ModelConfig, OutputConfig
 from pipeline.model import runtime
 from pipeline.model.prompt import CAPTION

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig, TaskConfig
 from pipeline.model.grounding import Tags, add_scores, parse
 from pipeline.model.prompt import GROUND

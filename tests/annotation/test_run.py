@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from pipeline.hardware import has_bf16
 from pipeline.records import SCHEMA
@@ -289,6 +289,7 @@ def test_console_scripts_find_their_config_from_anywhere(tmp_path, script, overr
             "input.phrases_column applies to parquet",
         ),
         (["input.path=photos", "engine.max_new_tokens=500"], "engine.max_new_tokens=500 does not fit"),
+        (["input.path=photos", "input.extensions=[jpg,svg,heic]"], "input.extensions holds svg, heic, which this"),
         (["input.path=photos", "engine.batchsize=4"], "batchsize"),  # Hydra's own error: a misspelt key
     ],
 )

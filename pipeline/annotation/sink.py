@@ -47,7 +47,7 @@ class ParquetSink:
         self._rows: list[dict[str, Any]] = []
         self._first_at = 0.0
         self._timer: threading.Timer | None = None
-        self.failure: CommitFailed | OutputError | None = None
+        self.failure: Exception | None = None  # a failed commit: every later add() and close() raises it
         self.parts: list[str] = []
         self.write_seconds = 0.0
 
@@ -70,8 +70,8 @@ class ParquetSink:
                 return
             try:
                 self.flush()
-            except (CommitFailed, OutputError) as e:
-                self.failure = e
+            except Exception as e:  # kept for the run's thread, which raises it
+                self.failure = self.failure or e
                 if self.on_failure:
                     self.on_failure()
 
@@ -83,7 +83,11 @@ class ParquetSink:
             if self._timer is not None:
                 self._timer.cancel()
             if self.lease is not None:
-                self.lease.check(f"{len(self._rows)} rows were not committed")
+                try:
+                    self.lease.check(f"{len(self._rows)} rows were not committed")
+                except OutputError as e:
+                    self.failure = e
+                    raise
             started = time.perf_counter()
             name = layout.part_name(self.shard, self._next, self.lease.run if self.lease else None)
             try:
@@ -91,12 +95,13 @@ class ParquetSink:
                 table = pa.Table.from_pylist(self._rows, schema=self.schema)
                 pq.write_table(table, buffer, compression=str(self.cfg.compression))
                 self.folder.write(name, buffer.getvalue().to_pybytes(), sync=True)
-            except (OSError, pa.ArrowException) as e:
-                raise CommitFailed(
+            except Exception as e:  # a full disk, a refusing store, a row pyarrow cannot take: all end the run
+                self.failure = CommitFailed(
                     f"{name} could not be written to {self.folder} ({type(e).__name__}: {e}); its {len(self._rows)} "
                     f"rows were not committed, the {len(self.parts)} parts before it are kept and a rerun resumes "
                     "after them"
-                ) from None
+                )
+                raise self.failure from None
             self.parts.append(name)
             self._next += 1
             self._rows = []

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from pipeline.annotate.decode import decode
+from pipeline.annotation.decode import decode
 from pipeline.config import InputConfig
 from pipeline.records import Item, error_kind
 from tests.helpers import EXAMPLES, REPO, annotate, model_overrides
@@ -106,7 +106,7 @@ CFG = InputConfig(path="x")
 
 CHILD = """
 import json, sys, time
-from pipeline.annotate.decode import decode
+from pipeline.annotation.decode import decode
 from pipeline.config import InputConfig
 from pipeline.model.processor import Processor
 from pipeline.sources import open_source

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 
-from pipeline.annotate.preview import colour, draw, preview_name, write_preview
+from pipeline.annotation.preview import colour, draw, preview_name, write_preview
 from pipeline.records import Entity
 from pipeline.storage.files import Folder
 
@@ -33,7 +34,7 @@ def test_boxes_and_labels_are_drawn_inside_the_image(tmp_path):
         Entity("a cat", 0, 5, [(0.1, 0.0, 0.5, 0.5)]),
         Entity("a very long phrase that is wider than the box", 0, 10, [(0.1, 0.0, 0.5, 0.5), (0.9, 0.9, 1.0, 1.0)]),
     ]
-    canvas = draw(image, entities, max_side=200)
+    canvas = np.asarray(draw(image, entities, max_side=200))
     assert canvas.shape == (150, 200, 3)
     assert (canvas != 128).any(axis=2).sum() > 500  # something was drawn
     assert tuple(int(v) for v in canvas[50, 20]) in (colour(0), colour(1))  # the left edge of the shared box

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.config import InputConfig
+from pipeline.errors import ConfigError, InputError
 from pipeline.hardware import cores
 from pipeline.records import Item, printable
 from pipeline.storage import files
@@ -55,6 +56,19 @@ class Decoded:
         return self.item.error
 
 
+def check_extensions(cfg: InputConfig) -> None:
+    """input.extensions may name only formats opened here: a folder's `.svg` or `.heic` files would be
+    walked, then fail one row at a time."""
+    known = Image.registered_extensions()
+    refused = [e for e in cfg.extensions if known.get("." + e.lower().lstrip(".")) not in (*RASTER_FORMATS, "MPO")]
+    if refused:
+        readable = sorted(e.lstrip(".") for e, f in known.items() if f in (*RASTER_FORMATS, "MPO"))
+        raise ConfigError(
+            f"input.extensions holds {', '.join(refused)}, which this tool does not read; "
+            f"it reads {', '.join(readable)}"
+        )
+
+
 class TooManyPixels(ValueError):
     pass
 
@@ -63,24 +77,27 @@ class ReadFailed(OSError):
     """A read that kept failing in passing: the row is an `io error`, which a rerun tries again."""
 
 
-def read(item: Item, cfg: InputConfig) -> bytes:
-    """The item's bytes: in hand, or read whole (tried again after a passing fault), never more than
-    input.max_image_bytes."""
+def read(item: Item, cfg: InputConfig) -> bytes | Image.Image:
+    """The item's bytes (or image): in hand, or read whole (tried again after a passing fault), never
+    more than input.max_image_bytes."""
+    if item.image is not None:
+        return item.image
     if item.data is not None:
         return item.data
     try:
         return files.retried(lambda: files.read_bytes(item.path, cfg.max_image_bytes), cfg, f"reading {item.path}")
-    except (FileNotFoundError, PermissionError, IsADirectoryError, files.NotRegular, files.TooLarge):
+    except (FileNotFoundError, PermissionError, IsADirectoryError, files.NotRegular):
         raise
     except OSError as e:
         raise ReadFailed(f"{type(e).__name__}: {e}") from None
 
 
-def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
-    """The image in `data`, EXIF-oriented, RGB; first frame of animations and multi-page files. Each
-    step lets go of the one before (turned in place, converted only if it is not RGB), so that a
-    large image is held once or twice, never three times."""
-    im = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+def open_rgb(data: bytes | Image.Image, max_pixels: int) -> Image.Image:
+    """The image in `data` (bytes, or an image in memory, which is left as it is), EXIF-oriented, RGB;
+    first frame of animations and multi-page files. Each step lets go of the one before (turned in
+    place, converted only if it is not RGB), so that a large image is held once or twice, never three
+    times."""
+    im = data.copy() if isinstance(data, Image.Image) else Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
     try:
         width, height = im.size
         if width * height > max_pixels:
@@ -89,9 +106,9 @@ def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
                 f"{max_pixels} (raise it if the image is genuine)"
             )
         im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # first: the 8-bit copy below has no EXIF
         if im.mode.startswith("I;16") or im.mode == "I":
             im = _replaced(im, to_8bit(im))
-        ImageOps.exif_transpose(im, in_place=True)
         return im if im.mode == "RGB" else _replaced(im, im.convert("RGB"))
     except BaseException:
         im.close()
@@ -146,6 +163,8 @@ def decode(item: Item, preprocess: Callable[[Image.Image], np.ndarray], cfg: Inp
         item.error = f"not a file: {where}"
     except files.NotRegular:
         item.error = f"not a file: {where} is not a regular file (a FIFO, a socket or a device)"
+    except ConfigError as e:  # a manifest's URI with credentials in it, or a scheme nothing here reads
+        item.error = f"bad location: {e}"
     except ReadFailed as e:
         item.error = f"io error: reading {where} failed {cfg.read_retries + 1} times ({e}); a rerun tries again"
     except Image.UnidentifiedImageError:
@@ -166,6 +185,9 @@ def default_threads() -> int:
     return max(2, min(8, cores()))
 
 
+STALLED = 8
+
+
 def ordered_map(
     fn: Callable[[T], R],
     items: Iterable[T],
@@ -179,9 +201,12 @@ def ordered_map(
     the reading of those behind them (docs/performance.md, "Start-up").
 
     A call still running `timeout` seconds after it started gives `on_timeout(item)` instead; its
-    thread is left to it (a daemon, so it never holds the process up) and another takes its place."""
+    thread is left to it (a daemon, so it never holds the process up) and another takes its place.
+    STALLED calls in a row that time out end the map with InputError: the storage itself is stuck,
+    and every further item would only wait its timeout and leave one more thread behind."""
     tasks: queue.SimpleQueue = queue.SimpleQueue()
     workers: list[threading.Thread] = []
+    stuck = [0]  # calls in a row that timed out
 
     def work() -> None:
         while (task := tasks.get()) is not None:
@@ -202,9 +227,18 @@ def ordered_map(
         item, future, started = task
         while timeout is not None:
             try:
-                return future.result(timeout=1.0 if not started else max(0.0, started[0] + timeout - time.monotonic()))
+                done = future.result(timeout=1.0 if not started else max(0.0, started[0] + timeout - time.monotonic()))
+                stuck[0] = 0
+                return done
             except FutureTimeout:
                 if started and time.monotonic() - started[0] >= timeout:
+                    stuck[0] += 1
+                    if stuck[0] >= STALLED:
+                        raise InputError(
+                            f"{STALLED} items in a row took over input.decode_timeout={timeout:g} s to read and "
+                            "decode: the input's storage seems stalled; check it, then rerun (the rows done are "
+                            "committed and the timed-out ones are tried again)"
+                        ) from None
                     hire()  # the stuck thread stays where it is
                     return on_timeout(item)
         return future.result()

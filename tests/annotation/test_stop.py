@@ -51,9 +51,9 @@ def photos(tmp_path_factory) -> Path:
 
 
 def annotated(err: list[str]) -> int:
-    """Rows done so far, from the progress bar on stderr."""
-    done = re.findall(r"annotating: (\d+)img", "".join(err))
-    return int(done[-1]) if done else 0
+    """Rows done so far, from the progress bar on stderr (`12img` before the total is known, `12/600` after)."""
+    done = re.findall(r"annotating: +(?:(\d+)img|\d+%\|[^|]*\| (\d+)/)", "".join(err))
+    return int(max(done[-1])) if done else 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

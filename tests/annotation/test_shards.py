@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.annotate.resume import id_hashes
-from pipeline.annotate.run import run
+from pipeline.annotation.resume import id_hashes
+from pipeline.annotation.run import run
 from pipeline.cli import CONF_DIR
 from pipeline.config import EngineConfig, InputConfig
 from pipeline.hardware import threads

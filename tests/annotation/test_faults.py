@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.annotate import decode as decoding
-from pipeline.annotate.run import run
-from pipeline.annotate.sink import ParquetSink
+from pipeline.annotation import decode as decoding
+from pipeline.annotation.run import run
+from pipeline.annotation.sink import ParquetSink
 from pipeline.config import InputConfig, OutputConfig
 from pipeline.errors import CommitFailed
 from pipeline.records import SCHEMA
@@ -121,9 +121,13 @@ def test_a_manifest_file_missing_at_first_and_there_later_is_annotated(trained_c
     run(cfg, out)
     assert rows_by_id(out)["late.png"]["error"].startswith("file not found:")
     shutil.copy(EXAMPLES / "coffee.png", tmp_path / "late.png")
-    assert run(cfg, out).items == 2  # both missing files tried again
+    assert run(cfg, out).items == 1  # the file now there; the one still missing is not read again
     rows = rows_by_id(out)
     assert rows["late.png"]["error"] is None and rows["gone.png"]["error"].startswith("file not found:")
+    parts = {p: (out / p).stat().st_mtime_ns for p in committed_parts(Folder(out))}
+    assert run(cfg, out).items == 0  # and a scheduled rerun rewrites no part for it
+    assert {p: (out / p).stat().st_mtime_ns for p in committed_parts(Folder(out))} == parts
+    shutil.copy(EXAMPLES / "coffee.png", tmp_path / "gone.png")
     cfg.output.retry_errors = []  # told not to: a row of any kind stays done
     assert run(cfg, out).items == 0
 

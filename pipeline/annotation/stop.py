@@ -2,9 +2,9 @@
 `stopped`, and the command exits 128 + the signal's number (143, 130). A second signal exits at once.
 
 `scancel`, SLURM preemption, `docker stop`, Kubernetes and systemd all stop a job with SIGTERM and
-kill it a while later (SLURM's KillWait: 30 s by default). While the model loads a signal interrupts
-the run where it is (nothing is committed yet); once rows flow it only asks the engine to stop, so no
-part is ever cut in the middle of its commit.
+kill it a while later (SLURM's KillWait: 30 s by default). While the model is exported or loaded a
+signal interrupts the run where it is (nothing is committed yet); once it is loaded the signal only
+asks the engine to stop, so that the rows in hand are committed and no part is cut in its commit.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class GracefulStop:
-    """Within its block, the signals stop the run; `on_stop` (set once rows flow) is called instead of
-    raising. Installed only in the main thread, where Python delivers signals."""
+    """Within its block, the signals stop the run; `on_stop` (set once the model is loaded) is called
+    instead of raising. Installed only in the main thread, where Python delivers signals."""
 
     def __init__(self):
         self.signum: int | None = None

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.cli import CONF_DIR
 from pipeline.config import InputConfig, TaskConfig
 from pipeline.errors import ConfigError

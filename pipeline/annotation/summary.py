@@ -137,7 +137,7 @@ class RunRecord:
             self._log_file = Path(tempfile.mkstemp(prefix="kosmos-run-", suffix=".log")[1])
         else:
             self._log_file = Path(self.folder.path(self.log_name))
-        self._handler = logging.FileHandler(self._log_file, mode="a", encoding="utf-8")
+        self._handler = logging.FileHandler(self._log_file, mode="a", encoding="utf-8", errors="backslashreplace")
         self._handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(self._handler)
         return self
@@ -146,7 +146,10 @@ class RunRecord:
         logging.getLogger().removeHandler(self._handler)
         self._handler.close()
         if self.folder.remote:
-            self._upload_log()
+            try:
+                self._upload_log()
+            except Exception as e:  # never raised over what ended the run
+                logging.getLogger(__name__).warning("The run's log could not be uploaded (%s: %s)", type(e).__name__, e)
             self._log_file.unlink(missing_ok=True)
 
     def write(self, status: str | None = None, error: str | None = None) -> None:
@@ -161,6 +164,16 @@ class RunRecord:
         self.written = True
         if self.folder.remote and self._handler is not None:
             self._upload_log()
+
+    def end(self, status: str, error: str) -> None:
+        """Record how a run ended on an error; a summary that cannot be written then (the store is
+        what failed) is logged, never raised over the error that ended the run."""
+        try:
+            self.write(status, error)
+        except Exception as e:
+            logging.getLogger(__name__).warning(
+                "The summary (%s) could not be written to %s (%s: %s)", status, self.folder, type(e).__name__, e
+            )
 
     def _upload_log(self) -> None:
         self._handler.flush()

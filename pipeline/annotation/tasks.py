@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from pipeline import records
-from pipeline.annotate.decode import Decoded
+from pipeline.annotation.decode import Decoded
 from pipeline.config import AppConfig, TaskKind
 from pipeline.engine import Generation, Request
 from pipeline.model import prompt as prompts

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import OutputMode
-from pipeline.errors import OutputError
+from pipeline.errors import ConfigError, OutputError
 from pipeline.records import Item, error_kind, id_hash
 from pipeline.storage import layout
-from pipeline.storage.files import Folder
+from pipeline.storage.files import Folder, filesystem
 from pipeline.storage.locks import Lease, LeaseHeld, flock
 
 
@@ -73,13 +74,15 @@ def todo(items: Iterator[Item], done: DoneIds, skipped: Counter) -> Iterator[Ite
 def take_out_errors(folder: Folder, shard: int, kinds: list[str], compression: str) -> int:
     """Take this shard's rows whose error is of one of `kinds` out of its committed parts, so that the
     run annotates their items anew (output.retry_errors): a part is rewritten whole without them (in
-    place, atomically) or removed if nothing else is left. Returns how many rows were taken out."""
+    place, atomically) or removed if nothing else is left. A `file not found` row is taken out only
+    once its file is there, so that a scheduled rerun does not rewrite parts for files still missing.
+    Returns how many rows were taken out."""
     wanted = set(kinds)
     taken = 0
     for part in layout.committed_parts(folder, shard) if wanted else []:
         with pq.ParquetFile(folder.open(part)) as f:
-            errors = f.read(columns=["error"]).column("error").to_pylist()
-        drop = [e is not None and error_kind(e) in wanted for e in errors]
+            found = f.read(columns=["error", "source"]).to_pylist()
+        drop = [_retry(r["error"], r["source"], wanted) for r in found]
         if not any(drop):
             continue
         table = pq.read_table(folder.open(part))
@@ -92,6 +95,18 @@ def take_out_errors(folder: Folder, shard: int, kinds: list[str], compression: s
             folder.delete(part)
         taken += sum(drop)
     return taken
+
+
+def _retry(error: str | None, source: str, kinds: set[str]) -> bool:
+    if error is None or error_kind(error) not in kinds:
+        return False
+    if error_kind(error) != "file not found":
+        return True
+    try:
+        fs, path = filesystem(source)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except (OSError, ValueError, ConfigError):
+        return True  # a store that cannot answer now: try the item, which gives its row again
 
 
 @contextmanager

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import hardware
-from pipeline.annotate.resume import prepare_folder
-from pipeline.annotate.run import result_settings
-from pipeline.annotate.sink import ParquetSink
+from pipeline.annotation.resume import prepare_folder
+from pipeline.annotation.run import result_settings
+from pipeline.annotation.sink import ParquetSink
 from pipeline.config import AppConfig, EngineConfig, ModelConfig, OutputConfig
 from pipeline.errors import OutputError
 from pipeline.model.runtime import precision
@@ -56,7 +56,7 @@ def test_parts_commit_every_n_rows_and_on_close(tmp_path):
 
 def test_parts_commit_after_flush_seconds(tmp_path, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr("pipeline.annotate.sink.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("pipeline.annotation.sink.time.monotonic", lambda: clock[0])
     sink = make_sink(tmp_path, 1000, 60)
     sink.add(row(0))
     clock[0] += 59

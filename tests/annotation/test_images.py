@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.annotate.decode import decode, ordered_map
+from pipeline.annotation.decode import decode, ordered_map
 from pipeline.config import InputConfig
 from pipeline.model.processor import Processor
 from pipeline.records import Item
@@ -57,6 +57,16 @@ def test_exif_orientation_is_applied(preprocess):
     assert (decoded.width, decoded.height) == (30, 60)
     stored = Image.open(io.BytesIO(item_of(image, "JPEG", exif=exif).data))
     np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(ImageOps.exif_transpose(stored).convert("RGB")))
+
+
+def test_exif_orientation_of_a_16_bit_image_is_applied(preprocess):
+    """A 16-bit scan with an orientation tag came out unturned: the 8-bit copy had lost its EXIF."""
+    grey = np.asarray(Image.open(EXAMPLES / "rocket.jpg").convert("L").resize((60, 30)), np.uint16) * 257
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    decoded = decode(item_of(Image.fromarray(grey), "PNG", exif=exif), preprocess, GUARD)
+    assert (decoded.width, decoded.height) == (30, 60)
+    np.testing.assert_array_equal(np.asarray(decoded.image)[..., 0], np.rot90(grey // 257))
 
 
 def test_pixel_guard_refuses_before_decoding(preprocess):
@@ -120,3 +130,28 @@ def test_ordered_map_opens_its_window_as_results_are_taken():
         next(it)
     assert len(submitted) == 42 + 31  # `ahead` wide: 31 read and waiting after a result is taken
     assert list(it) == list(range(42, 100))
+
+
+def test_ordered_map_gives_up_on_a_stalled_storage():
+    """A mount that stops answering: each item waited its timeout and left a thread behind, for ever.
+    A few timeouts pass as rows; STALLED in a row end the run, naming the setting."""
+    import threading
+
+    from pipeline.annotation.decode import STALLED
+    from pipeline.errors import InputError
+
+    stalled = threading.Event()
+
+    def read(i):
+        if i in (1, 3) or i >= 5:
+            stalled.wait()
+        return i
+
+    it = ordered_map(read, range(100), threads=2, ahead=4, timeout=0.1, on_timeout=lambda i: -i)
+    try:
+        assert [next(it) for _ in range(5)] == [0, -1, 2, -3, 4]  # single timeouts are rows
+        with pytest.raises(InputError, match=rf"{STALLED} items in a row took over input.decode_timeout=0.1 s"):
+            for _ in range(STALLED):
+                assert next(it) < 0
+    finally:
+        stalled.set()

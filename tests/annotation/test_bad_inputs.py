@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.annotate.decode import decode
-from pipeline.annotate.run import run
+from pipeline.annotation.decode import decode
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from pipeline.records import Item
 from tests.helpers import EXAMPLES, REPO, config, entity_view, expected
@@ -133,10 +133,11 @@ def test_permission_denied_is_an_item_error(monkeypatch):
 
 def test_manifest_nulls_and_missing_files(trained_checkpoint, trained_export, tmp_path):
     good = (EXAMPLES / "rocket.jpg").read_bytes()
-    pq.write_table(pa.table({"path": ["nope.jpg", None, str(EXAMPLES / "coffee.png")]}), tmp_path / "paths.parquet")
+    paths = ["nope.jpg", None, str(EXAMPLES / "coffee.png"), "nosuchscheme://host/a.jpg"]
+    pq.write_table(pa.table({"path": paths}), tmp_path / "paths.parquet")
     pq.write_table(pa.table({"image": pa.array([good, None, b""], pa.binary())}), tmp_path / "bytes.parquet")
     for manifest, column, want in [
-        ("paths.parquet", "path", ["file not found", "null image", None]),
+        ("paths.parquet", "path", ["file not found", "null image", None, "bad location"]),
         ("bytes.parquet", "image", [None, "null image", "not an image"]),
     ]:
         out = tmp_path / manifest.split(".")[0]

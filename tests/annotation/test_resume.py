@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.annotate.resume import exclusive
-from pipeline.annotate.run import run
+from pipeline.annotation.resume import exclusive
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from pipeline.errors import OutputError, RunAborted
 from pipeline.storage.files import Folder
@@ -102,7 +102,7 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_holder_frees_it
             sys.executable,
             "-c",
             "import sys, time; from pipeline.storage.files import Folder\n"
-            "from pipeline.annotate.resume import exclusive\n"
+            "from pipeline.annotation.resume import exclusive\n"
             f"with exclusive(Folder({str(out)!r}), 0):\n    print('locked', flush=True); time.sleep(600)",
         ],
         env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -11,19 +11,22 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from pipeline import sources
-from pipeline.annotate import decode as decoding
-from pipeline.annotate import resume, tasks
-from pipeline.annotate.preview import write_preview
-from pipeline.annotate.sink import ParquetSink
-from pipeline.annotate.stop import GracefulStop
-from pipeline.annotate.summary import RunRecord, ScoreQuantiles, Summary, check_error_rate, now
-from pipeline.config import AppConfig, EngineConfig, InputConfig, PreviewConfig
+from pipeline.annotation import decode as decoding
+from pipeline.annotation import resume, tasks
+from pipeline.annotation.preview import write_preview
+from pipeline.annotation.sink import ParquetSink
+from pipeline.annotation.stop import GracefulStop
+from pipeline.annotation.summary import RunRecord, ScoreQuantiles, Summary, check_error_rate, now
+from pipeline.config import AppConfig, EngineConfig, InputConfig, InputKind, PreviewConfig
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError, RunAborted, Stopped
 from pipeline.export.store import check_source, ensure_export, export_dir, stale_reason
@@ -42,8 +45,11 @@ def prepare(cfg: AppConfig, output_dir: str | Path) -> None:
     """Everything that can fail on the config or the input as a whole, before anything is written."""
     cfg.validate()
     check_device(cfg.engine)
-    check_location(cfg.input.path, "input.path")
+    for path in [cfg.input.path] if isinstance(cfg.input.path, str) else cfg.input.path:
+        check_location(path, "input.path")
     check_location(output_dir, "output.dir")
+    if cfg.input.kind == InputKind.folder:
+        decoding.check_extensions(cfg.input)
     sources.open_source(cfg.input).check()
     model_dir = export_dir(cfg.model)
     if stale_reason(cfg.model, model_dir) is None:
@@ -96,7 +102,7 @@ def run(cfg: AppConfig, output_dir: str | Path) -> Summary:
 
     The summary says where the run stands from its first second (exporting, loading, running) to its
     end (finished, stopped, aborted, failed, with the reason). Whatever ends it, the rows already
-    annotated are committed first; SIGTERM and SIGINT end it gracefully (annotate/stop.py)."""
+    annotated are committed first; SIGTERM and SIGINT end it gracefully (annotation/stop.py)."""
     started = time.perf_counter()
     prepare(cfg, output_dir)
     schema = output_schema(sources.open_source(cfg.input).keep_fields())
@@ -117,13 +123,13 @@ def run(cfg: AppConfig, output_dir: str | Path) -> Summary:
             try:
                 _run(cfg, output, schema, lease, stop, record)
             except RunAborted as e:
-                record.write("aborted", str(e))
+                record.end("aborted", str(e))
                 raise
             except BaseException as e:  # a refusal before the first summary leaves the last run's as it was
                 if record.written and isinstance(e, Stopped):
-                    record.write("stopped", f"{signal.Signals(e.signum).name} received")
+                    record.end("stopped", f"{signal.Signals(e.signum).name} received")
                 elif record.written:
-                    record.write("failed", f"{type(e).__name__}: {e}")
+                    record.end("failed", f"{type(e).__name__}: {e}")
                 raise
     return summary
 
@@ -135,16 +141,18 @@ def _run(cfg: AppConfig, output: Folder, schema, lease, stop: GracefulStop, reco
     model_dir = ensure_export(cfg.model, cfg.engine)
     check_positions(cfg.engine, model_dir)
     resume.prepare_folder(output, cfg.output.mode, shard, num_shards, result_settings(cfg, model_dir))
+    record.write("loading")
+    model = KosmosModel(model_dir, cfg.engine)
+    engine = Engine(model, cfg.engine)
+    stop.on_stop = engine.stop  # from here a signal lets the rows in hand be committed
+    summary.load_seconds = round(time.perf_counter() - record.started, 2)
+    # Once the model is in hand: a run that cannot load it leaves the parts as they were.
     retried = resume.take_out_errors(output, shard, cfg.output.retry_errors, str(cfg.output.compression))
     if retried:
         log.info("Trying again %d items whose rows had errors of the kinds in output.retry_errors", retried)
     done = resume.DoneIds(output)
     if len(done):
         log.info("Resuming: %d items are already in %s and will be skipped", len(done), output)
-    record.write("loading")
-    model = KosmosModel(model_dir, cfg.engine)
-    engine = Engine(model, cfg.engine)
-    summary.load_seconds = round(time.perf_counter() - record.started, 2)
 
     def committed() -> None:
         record.parts = sink.parts
@@ -152,12 +160,21 @@ def _run(cfg: AppConfig, output: Folder, schema, lease, stop: GracefulStop, reco
 
     sink = ParquetSink(output, schema, cfg.output, shard, on_commit=committed, lease=lease, on_failure=engine.stop)
     record.write("running")
-    stop.on_stop = engine.stop  # from here a signal lets the rows in hand be committed
+    ended: BaseException | None = None
     try:
         _annotate(cfg, model, engine, output, done, sink, summary)
+    except BaseException as e:
+        ended = e
+        raise
     finally:
         stop.on_stop = lambda: None  # a signal now: the commit below goes on, then the run stops
-        sink.close()  # whatever ended the loop, the rows already annotated are committed
+        try:
+            sink.close()  # whatever ended the loop, the rows already annotated are committed
+        except Exception as e:
+            if ended is None:
+                raise
+            if e is not ended:  # told, but never raised over what ended the loop
+                log.error("The rows in hand could not be committed either: %s", e)
         record.parts = sink.parts
     if stop.signum is not None:
         raise Stopped(stop.signum)
@@ -189,8 +206,11 @@ def _annotate(
     keep = lambda item_id: done.count(resume.id_hash(item_id)) == 0  # noqa: E731
     items = resume.todo(sources.iter_items(cfg.input, keep=keep), done, skipped)
     task = tasks.make_task(cfg, model)
+    total = _count_left(cfg, output)
     with _progress() as bar:
         for row in annotate_items(task, model, engine, items, cfg.input, cfg.preview, output.sub(layout.PREVIEWS)):
+            if total and bar.total is None:
+                bar.total = total[0]
             with sink.lock:  # a commit by the timer records a summary: counts and rows must agree
                 summary.add(row)
                 summary.skipped = skipped["done"]
@@ -254,16 +274,28 @@ def annotate_items(
         yield row
 
 
+def _count_left(cfg: AppConfig, output: Folder) -> list[int]:
+    """The items this shard has left, counted in a thread where it is cheap (a folder's walk, a
+    manifest's footers, local tars' headers): a list that holds the count once it is known."""
+    found: list[int] = []
+
+    def count() -> None:
+        try:
+            total = sources.open_source(cfg.input).count()
+            done = sum(
+                pq.read_metadata(output.open(p)).num_rows for p in layout.committed_parts(output, cfg.input.shard_index)
+            )
+        except Exception:  # noqa: BLE001 - a bar without a total, nothing worse
+            return
+        if total is not None:
+            total = min(total, cfg.input.limit) if cfg.input.limit is not None else total
+            found.append(max(0, total // cfg.input.num_shards - done))  # shards by hash: about a share each
+
+    threading.Thread(target=count, name="kosmos-count", daemon=True).start()
+    return found
+
+
 def _progress():
     from tqdm import tqdm
 
     return tqdm(unit="img", desc="annotating", dynamic_ncols=True, mininterval=1.0)
-
-
-def copy_hydra_record(hydra_dir: Path, output_dir: str | Path, cfg: AppConfig) -> None:
-    """Hydra's own `.hydra/` config record, next to the data it produced (one per shard)."""
-    src = hydra_dir / ".hydra"
-    dst = Folder(output_dir).sub(layout.hydra_record(cfg.input.shard_index, cfg.input.num_shards))
-    if src.is_dir() and (dst.remote or src.resolve() != Path(dst.root).resolve()):
-        for record in sorted(src.iterdir()):
-            dst.write(record.name, record.read_bytes())
