@@ -12,12 +12,15 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
+from pipeline import __version__
 from pipeline.config import AppConfig, ExportConfig, GalleryConfig, LabelsConfig, StatusConfig
 from pipeline.errors import BAD_INVOCATION, BUG, Stopped, UserError
 
-# The `conf/` tree beside the package, as an absolute path: Hydra resolves a relative config_path
-# against a package (not a folder) when the app starts from a console script.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The commands' config as an absolute path (Hydra resolves a relative config_path against a package,
+# not a folder, when the app starts from a console script): inside the package when installed from a
+# wheel (pipeline/conf), else conf/ at the top of the repository (a checkout, an editable install).
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONF_DIR = str(_PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "conf")
 SCHEMAS = {
     "config": AppConfig,
     "export": ExportConfig,
@@ -25,6 +28,7 @@ SCHEMAS = {
     "gallery": GalleryConfig,
     "status": StatusConfig,
 }
+PROGRAMS = {name: "kosmos-annotate" if name == "config" else f"kosmos-{name}" for name in SCHEMAS}
 
 
 def register() -> None:
@@ -34,9 +38,13 @@ def register() -> None:
 
 
 def command(config_name: str, work: Callable, log: logging.Logger) -> None:
-    """Run `work(cfg)` as a Hydra app over `conf/<config_name>.yaml`."""
+    """Run `work(cfg)` as a Hydra app over `conf/<config_name>.yaml`; `--version` says the project's."""
     import hydra
     from omegaconf import OmegaConf
+
+    if "--version" in sys.argv[1:]:
+        print(f"{PROGRAMS[config_name]} {__version__}")
+        sys.exit(0)
 
     register()
     composed = False

@@ -172,8 +172,10 @@ IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
 @dataclass
 class InputConfig:
     kind: InputKind = opt(InputKind.folder, "folder, parquet or webdataset (set by the input group: input=parquet).")
-    path: str | None = opt(
-        None, "A folder of images; a parquet file, folder or glob; or WebDataset tars ('shards/{00000..00099}.tar')."
+    path: Any = opt(
+        None,
+        "What to annotate: a folder, an image, a glob or a list of them; a parquet file, folder or glob; or "
+        "WebDataset tars ('shards/{00000..00099}.tar').",
     )
     extensions: list[str] = opt(IMAGE_EXTENSIONS, "folder: the file extensions taken as images.")
     image_column: str = opt("image", "parquet: a column of paths, of bytes, or of {bytes, path} structs.")
@@ -205,6 +207,11 @@ class InputConfig:
         if not self.path:
             example = {"folder": "photos/", "parquet": "manifest.parquet", "webdataset": "'shards/{00000..00009}.tar'"}
             raise ConfigError(f"input.path is not set: say what to annotate, e.g. input.path={example[self.kind]}")
+        listed = isinstance(self.path, list) and all(isinstance(p, str) and p for p in self.path)
+        if not isinstance(self.path, str) and not (listed and self.kind == InputKind.folder):
+            raise ConfigError(
+                f"input.path={self.path!r} must be a path (a list of them for images: input.path=[a.jpg,photos/])"
+            )
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"input.limit={self.limit} must be >= 0")
         for key in ("max_image_pixels", "max_image_bytes"):
@@ -230,7 +237,9 @@ class InputConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str | None = opt(None, "The output folder, local or a URI (s3://bucket/prefix); null = the Hydra run folder.")
+    dir: str | None = opt(
+        None, "The output folder, local or a URI (s3://bucket/prefix); null = outputs/<input's name>-<task>-<hash>."
+    )
     mode: OutputMode = opt(
         OutputMode.resume,
         "resume: skip items already committed; overwrite: start clean; error: refuse if this shard has parts.",
@@ -303,9 +312,12 @@ class AppConfig:
         None, "The prompt of rows that bring none; null = the task's own (pipeline/model/prompt.py)."
     )
 
-    def validate(self) -> None:
-        for part in (self.model, self.engine, self.input, self.output, self.preview, self.run):
+    def validate(self, items_from_input: bool = True) -> None:
+        """`items_from_input=False`: the items come from elsewhere (the Python API), not input.path."""
+        for part in (self.model, self.engine, self.output, self.preview, self.run):
             part.validate()
+        if items_from_input:
+            self.input.validate()
         if self.task.kind == TaskKind.ground and not (self.task.phrases or self.input.phrases_column):
             raise ConfigError("task=ground needs phrases: task.phrases=[dog,cat] or input.phrases_column=<column>")
         if self.prompt is not None and not self.prompt.strip():
@@ -400,9 +412,10 @@ def plain(cfg: Any) -> Any:
     return convert(asdict(cfg))
 
 
-def build(schema: type[T], values: dict[str, Any] | None = None) -> T:
-    """`schema` with `values` (dotted keys, as on the command line: {"engine.batch_size": 16}) checked
-    as Hydra checks them: a misspelt key or a value of the wrong type is a ConfigError naming it."""
+def build(schema: type[T] | T, values: dict[str, Any] | None = None) -> T:
+    """`schema` (a schema, or a config to start from) with `values` (dotted keys, as on the command
+    line: {"engine.batch_size": 16}) checked as Hydra checks them: a misspelt key or a value of the
+    wrong type is a ConfigError naming it."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 

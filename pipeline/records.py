@@ -19,7 +19,8 @@ class Item:
     id: str
     source: str  # path, or manifest location (`file.parquet#row`)
     path: str | None = None  # image file to read...
-    data: bytes | None = None  # ...or its bytes
+    data: bytes | None = None  # ...or its bytes...
+    image: Any = None  # ...or the image itself, in memory (a PIL image: the Python API)
     prompt: str | None = None  # per-item prompt, if the manifest gives one
     phrases: list[str] | None = None  # per-item phrases to ground, if the manifest gives them
     extra: dict[str, Any] = field(default_factory=dict)  # kept columns
@@ -124,10 +125,11 @@ def output_schema(keep_fields: list[pa.Field]) -> pa.Schema:
 
 
 def row(item: Item, **values) -> dict:
-    """An output row of `item`: every column of the contract (null unless given), then its kept columns."""
+    """An output row of `item`: every column of the contract (null unless given), then its kept columns.
+    Text is made printable: an error message quoting a name that is not UTF-8 must not fail the commit."""
     out: dict[str, Any] = dict.fromkeys(SCHEMA.names)
     out.update(id=printable(item.id), source=printable(item.source))
-    out.update(values)
+    out.update({k: printable(v) if isinstance(v, str) else v for k, v in values.items()})
     out.update(item.extra)
     return out
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import (
     AppConfig,
     EngineConfig,
@@ -277,3 +277,17 @@ def run_export_command(*overrides: str, env_extra: dict | None = None, cwd: Path
 def copy_export(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_cache"))
     return dst
+
+
+# `python -c` code that runs a module as its command while torch, transformers and nncf cannot be
+# imported, as in an install without the export extra: `args = [sys.executable, "-c", WITHOUT_EXPORT, module, *argv]`.
+WITHOUT_EXPORT = """
+import runpy, sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "nncf"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Absent())
+module, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(module, run_name="__main__")
+"""

@@ -13,8 +13,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import hardware
-from pipeline.annotate.run import check_positions
-from pipeline.annotate.tasks import task_prompt
+from pipeline.annotation.run import check_positions
+from pipeline.annotation.tasks import task_prompt
 from pipeline.cli import CONF_DIR, SCHEMAS
 from pipeline.config import AppConfig, Compression, EngineConfig, InputConfig, ModelConfig, help_lines
 from pipeline.errors import ConfigError

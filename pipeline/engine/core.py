@@ -42,11 +42,14 @@ class Engine:
         ]
         self.runners[0].warm_up()  # the runners share the compiled graphs: once is enough
         self._feed: Feed | None = None
+        self._stopped = False  # a stop before the generation begins is kept for it
         log.info("Engine: %d rows per decoder step, %d decoders", self.batch_size, self.num_requests)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Generation]:
         """Stream generations in input order, every decoder on its own thread."""
         feed = self._feed = Feed(requests, 4 * self.batch_size * self.num_requests, len(self.runners))
+        if self._stopped:
+            feed.stop()
         threads = [
             threading.Thread(target=self._work, args=(r, feed), name=f"kosmos-decoder-{i}", daemon=True)
             for i, r in enumerate(self.runners)
@@ -61,7 +64,9 @@ class Engine:
                 t.join()
 
     def stop(self) -> None:
-        """End the generation under way after the results already done (a signal handler may call it)."""
+        """End the generation under way after the results already done, or the next one before it
+        starts (a signal handler may call it)."""
+        self._stopped = True
         if self._feed is not None:
             self._feed.stop()
 

@@ -12,7 +12,14 @@ import logging
 from pipeline.cli import command
 from pipeline.config import ExportConfig
 from pipeline.errors import VerificationFailed
-from pipeline.export.store import ensure_export, export_dir, stale_reason, verify_existing
+from pipeline.export.store import (
+    check_export_libraries,
+    check_source,
+    ensure_export,
+    export_dir,
+    stale_reason,
+    verify_existing,
+)
 from pipeline.model.export_folder import MANIFEST, read_manifest
 
 log = logging.getLogger("kosmos-export")
@@ -20,6 +27,9 @@ log = logging.getLogger("kosmos-export")
 
 def export(cfg: ExportConfig) -> None:
     cfg.model.validate()
+    check_source(cfg.model)  # in seconds: the libraries, the checkpoint's folder or the hub
+    if cfg.verify:
+        check_export_libraries(cfg.model)
     fresh = stale_reason(cfg.model, export_dir(cfg.model)) is not None  # a new export checks itself
     path = ensure_export(cfg.model, cfg.engine)
     record = (

@@ -8,6 +8,7 @@ a folder with a complete manifest is a complete export (model/export_folder.py r
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -119,13 +120,17 @@ def ensure_export(cfg: ModelConfig, engine: EngineConfig | None = None) -> Path:
         if reason is None:
             log.info("Using the export in %s", path)
             return path
+        check_export_libraries(cfg)
+        download = "" if Path(cfg.source).expanduser().is_dir() else "downloads the checkpoint (about 6.7 GB), "
         log.info(
-            "No usable export in %s (%s): exporting %s as %s first (minutes: the full-size model took 3 to 6 "
-            "on 2 cores)",
+            "No usable export in %s (%s): exporting %s to OpenVINO (%s) first, once: it %sneeds torch, about "
+            "13 GB of memory and 3 to 6 minutes on 2 cores (the full-size model); runs then load it in seconds. "
+            "kosmos-export does this ahead of time.",
             path,
             reason,
             cfg.source,
             str(cfg.weight_format),
+            download,
         )
         _export(cfg, path, engine or EngineConfig())
     return path
@@ -161,12 +166,32 @@ def _unloadable(cfg: ModelConfig, reason: str) -> ConfigError:
     return ConfigError(f"cannot load model.source={cfg.source!r}: {reason}; {hint}")
 
 
+EXPORT_LIBRARIES = ("torch", "transformers", "nncf")
+
+
+def check_export_libraries(cfg: ModelConfig) -> None:
+    """An export needs torch, transformers and nncf, which a run does not: say how to get them."""
+    missing = []
+    for name in EXPORT_LIBRARIES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(
+            f"model.source={cfg.source!r} must be exported to OpenVINO first (once), which needs "
+            f'{", ".join(missing)}: pip install "kosmos-annotate[export]" (with torch\'s CPU build first, '
+            "see the README), or set model.dir to an export made elsewhere with kosmos-export"
+        )
+
+
 def check_source(cfg: ModelConfig) -> None:
-    """Before anything is written: where an export must be made, its checkpoint can be had, or the
-    run fails now, in seconds (a local folder without config.json; a hub id not cached on a machine
-    that is offline, or that the hub does not answer for)."""
+    """Before anything is written: where an export must be made, the libraries are installed and its
+    checkpoint can be had, or the run fails now, in seconds (a local folder without config.json; a
+    hub id not cached on a machine that is offline, or that the hub does not answer for)."""
     if stale_reason(cfg, export_dir(cfg)) is None:
         return
+    check_export_libraries(cfg)
     source = Path(cfg.source).expanduser()
     if source.is_dir():
         if not (source / "config.json").is_file():
@@ -175,12 +200,10 @@ def check_source(cfg: ModelConfig) -> None:
     import huggingface_hub
     from huggingface_hub import constants
 
+    if isinstance(huggingface_hub.try_to_load_from_cache(cfg.source, "config.json", revision=cfg.revision), str):
+        return  # in the cache: loading falls back on it where the hub cannot be reached
     if constants.HF_HUB_OFFLINE:
-        if not isinstance(
-            huggingface_hub.try_to_load_from_cache(cfg.source, "config.json", revision=cfg.revision), str
-        ):
-            raise _unloadable(cfg, "HF_HUB_OFFLINE is set and the checkpoint is not in the Hugging Face cache")
-        return
+        raise _unloadable(cfg, "HF_HUB_OFFLINE is set and the checkpoint is not in the Hugging Face cache")
     try:
         huggingface_hub.model_info(cfg.source, revision=cfg.revision, timeout=10)
     except Exception as e:  # noqa: BLE001 - no route, no such repository, refused: all say the same to the user

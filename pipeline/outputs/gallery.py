@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.annotate.decode import open_rgb
-from pipeline.annotate.preview import colour, preview_name, write_preview
+from pipeline.annotation.decode import open_rgb
+from pipeline.annotation.preview import colour, preview_name, write_preview
 from pipeline.cli import command
 from pipeline.config import GalleryConfig, InputConfig
 from pipeline.errors import ConfigError
@@ -44,7 +44,7 @@ def check(cfg: GalleryConfig) -> None:
 
 
 def _hex(index: int) -> str:
-    b, g, r = colour(index)
+    r, g, b = colour(index)
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
@@ -53,7 +53,7 @@ def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> tuple[str | 
     upright image), for the page to draw boxes on; else the run's preview, boxes drawn in; else none."""
     name = preview_name(row["id"])
     for source, drawn in ((Path(row["source"]), False), (folder / layout.PREVIEWS / name, True)):
-        try:  # under the run's guards: the raster formats, input.max_image_bytes and max_image_pixels
+        try:  # the decode guards at their defaults: raster formats, input.max_image_bytes, max_image_pixels
             image = open_rgb(read_bytes(source, GUARDS.max_image_bytes), GUARDS.max_image_pixels)
         except (OSError, ValueError):
             continue

@@ -32,7 +32,7 @@ from pipeline.records import error_kind
 from pipeline.sources import open_source
 from pipeline.storage import layout
 from pipeline.storage.files import Folder
-from pipeline.storage.locks import flock
+from pipeline.storage.locks import is_locked
 
 log = logging.getLogger("kosmos-status")
 
@@ -87,14 +87,7 @@ def held(folder: Folder, shard: int, summary: dict) -> bool:
         except (FileNotFoundError, ValueError):
             return False
         return lease.get("expires", 0) >= time.time() and lease.get("run") == summary.get("run")
-    path = Path(folder.path(layout.lock_name(shard)))
-    if not path.exists():
-        return False
-    try:
-        with flock(path, blocking=False):
-            return False
-    except BlockingIOError:
-        return True
+    return is_locked(Path(folder.path(layout.lock_name(shard))))
 
 
 def _summaries(folder: Folder) -> tuple[dict[int, dict], int]:
@@ -118,7 +111,7 @@ def _summaries(folder: Folder) -> tuple[dict[int, dict], int]:
 
 def count_input(record: dict) -> int | None:
     """How many items the recorded input holds (every shard's), or None if it cannot be read here
-    (or only at the price of reading it: WebDataset tars)."""
+    (or only at the price of reading it: compressed or remote WebDataset tars)."""
     try:
         recorded = {k: v for k, v in record["config"]["input"].items() if k in InputConfig.__dataclass_fields__}
         cfg: InputConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InputConfig), recorded))
@@ -137,7 +130,7 @@ def status(cfg: StatusConfig) -> dict:
     folder = layout.existing_output(cfg.output.dir, summaries_too=True)
     summaries, num_shards = _summaries(folder)
     if not summaries:  # parts alone (a folder copied without its summaries): as many shards as they name
-        num_shards = max(layout.part_shard(p) for p in layout.committed_parts(folder)) + 1
+        num_shards = max((layout.part_shard(p) for p in layout.committed_parts(folder)), default=0) + 1
     shards = [shard_status(folder, k, summaries.get(k), cfg.stall_seconds) for k in range(num_shards)]
     done = sum(s.done for s in shards)
     total = count_input(next(iter(summaries.values()))) if cfg.count_input and summaries else None

@@ -12,7 +12,7 @@ from pyarrow.fs import FileSelector, FileType
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.records import Item, id_hash
-from pipeline.storage.files import filesystem, join
+from pipeline.storage.files import filesystem, join, without_query
 
 # keep(id): whether the caller still needs this shard's item (not yet done); lets a reader skip bytes.
 Keep = Callable[[str], bool]
@@ -65,4 +65,4 @@ def listing(prefix: str, wanted: Callable[[str], bool]) -> list[tuple[str, str]]
 
 
 def base_name(location: str) -> str:
-    return location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    return without_query(location).rstrip("/").rsplit("/", 1)[-1]

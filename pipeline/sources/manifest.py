@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import glob
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +23,7 @@ from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.records import Item, printable
 from pipeline.sources.base import Keep, base_name, info, listing
-from pipeline.storage.files import filesystem, is_remote, join, parent
+from pipeline.storage.files import filesystem, has_glob, is_remote, join, parent, without_query
 
 BATCH_ROWS = 64  # rows of image bytes in memory at once, beside the data page being read
 READ_BUFFER = 1 << 20  # read column chunks through a buffer of this size, page by page
@@ -31,7 +31,7 @@ READ_BUFFER = 1 << 20  # read column chunks through a buffer of this size, page 
 
 def manifest_files(path: str) -> list[str]:
     if is_remote(path):
-        if glob.has_magic(path):
+        if has_glob(path):
             raise InputError(f"input.path={path!r}: globs are for local paths; give the folder (prefix) or a file")
         found = info(path).type
         if found == FileType.NotFound:
@@ -62,7 +62,7 @@ def _manifest_key(key: str) -> bool:
 def manifest_root(path: str) -> str:
     """What manifest files are named relative to: the folder given, a file's folder, or a glob's fixed part."""
     if is_remote(path):
-        return path if info(path).type == FileType.Directory else path.rstrip("/").rsplit("/", 1)[0]
+        return path if info(path).type == FileType.Directory else parent(path)
     p = Path(path).expanduser()
     if p.is_dir():
         return str(p)
@@ -75,7 +75,8 @@ def manifest_root(path: str) -> str:
 def _relative(file: str, root: str) -> str:
     """A manifest file's name relative to the manifest's root (its own name if outside it)."""
     if is_remote(file):
-        return file[len(root.rstrip("/")) + 1 :] if file.startswith(root.rstrip("/") + "/") else base_name(file)
+        file, root = without_query(file), without_query(root).rstrip("/")
+        return file[len(root) + 1 :] if file.startswith(root + "/") else base_name(file)
     f, r = Path(file), Path(root)
     return f.relative_to(r).as_posix() if f.is_relative_to(r) else f.name
 
@@ -133,15 +134,11 @@ class ManifestSource:
     def _check_types(self, file: str, schema: pa.Schema) -> None:
         """Each named column holds what it is read as, or the whole run would go wrong row by row (a
         string of phrases would be grounded character by character)."""
-        cfg, t = self.cfg, pa.types
-        strings = (t.is_string, t.is_large_string)
+        cfg = self.cfg
         wanted = {
-            cfg.image_column: (
-                "paths, image bytes or {bytes, path} structs",
-                (*strings, t.is_binary, t.is_large_binary, _is_image_struct),
-            ),
-            cfg.id_column: ("strings or integers", (*strings, t.is_integer)),
-            cfg.prompt_column: ("strings", strings),
+            cfg.image_column: ("paths, image bytes or {bytes, path} structs", (_is_text, _is_bytes, _is_image_struct)),
+            cfg.id_column: ("strings or integers", (_is_text, _plain(pa.types.is_integer))),
+            cfg.prompt_column: ("strings", (_is_text,)),
             cfg.phrases_column: ("lists of strings", (_is_string_list,)),
         }
         for column, (what, accepted) in wanted.items():
@@ -215,7 +212,7 @@ class ManifestSource:
             wanted = cfg.id_column
         elif pa.types.is_struct(image_type):
             wanted = f"{cfg.image_column}.path"  # a struct's path field alone, not its bytes
-        elif pa.types.is_string(image_type) or pa.types.is_large_string(image_type):
+        elif _is_text(image_type):
             wanted = cfg.image_column
         else:
             return [self._id(name, first_row + i, None, None) for i in range(rows)]
@@ -270,13 +267,22 @@ class ManifestSource:
         return item
 
 
+def _plain(test: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    """`test` on the type a column is read as: a dictionary-encoded column (a pandas category) as its values."""
+    return lambda type_: test(type_.value_type if pa.types.is_dictionary(type_) else type_)
+
+
+_is_text = _plain(lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
+_is_bytes = _plain(lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
+
+
 def _is_image_struct(type_: pa.DataType) -> bool:
-    return pa.types.is_struct(type_) and {"bytes", "path"} & {type_.field(i).name for i in range(type_.num_fields)}
+    return pa.types.is_struct(type_) and any(type_.field(i).name in ("bytes", "path") for i in range(type_.num_fields))
 
 
 def _is_string_list(type_: pa.DataType) -> bool:
-    lists = pa.types.is_list(type_) or pa.types.is_large_list(type_)
-    return lists and (pa.types.is_string(type_.value_type) or pa.types.is_large_string(type_.value_type))
+    lists = pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_list_view(type_)
+    return lists and _is_text(type_.value_type)
 
 
 def _image_path(image) -> str | None:

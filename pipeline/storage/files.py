@@ -4,8 +4,10 @@ Locally a file is written under a temporary name beside its own (starting with `
 readers and globs of `_*.json` skip), synced, then renamed, so a reader never sees half of one. Object
 stores have no rename, but an object appears only when its upload completes: it is written whole
 under its final name. Any URI pyarrow reaches works (`s3://bucket/prefix`, `gs://`, `hdfs://`; other
-schemes through fsspec where it is installed), with credentials and endpoints from the environment
-(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, ...), never from the config.
+schemes through fsspec where it is installed), with credentials from the environment
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...), never from a URI (they would be copied into
+summaries and logs), and store options from the environment or the URI's query string
+(`?endpoint_override=host:9000&scheme=http`).
 """
 
 from __future__ import annotations
@@ -123,9 +125,21 @@ def check_location(location: str | Path, key: str) -> None:
 
 
 def _split(location: str) -> tuple[str, str]:
-    """(location without its query string, the query string with its `?`, or "")."""
+    """(a URI without its query string, the query string with its `?`, or ""); a local path is a
+    path whatever it holds (`?` is a character of file names)."""
+    if not is_remote(location):
+        return location, ""
     base, mark, query = location.partition("?")
     return base, mark + query
+
+
+def without_query(location: str) -> str:
+    return _split(location)[0]
+
+
+def has_glob(location: str) -> bool:
+    """Whether a path holds glob characters (`*`, `?`, `[`); a URI's query string does not count."""
+    return glob.has_magic(without_query(location))
 
 
 def join(location: str | Path, name: str) -> str:
@@ -167,7 +181,10 @@ def _filesystem(base: str) -> tuple[pafs.FileSystem, str]:
         import fsspec
     except ImportError:
         raise ConfigError(f"{base!r}: pyarrow does not know this scheme (and fsspec is not installed)") from None
-    fs, root = fsspec.core.url_to_fs(base)
+    try:
+        fs, root = fsspec.core.url_to_fs(base)
+    except (ValueError, ImportError) as e:  # a scheme fsspec does not know either, or its package is missing
+        raise ConfigError(f"{base!r}: no filesystem reads this scheme ({e})") from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
 
 
@@ -211,7 +228,7 @@ def retried(call: Callable[[], T], cfg, what: str) -> T:
     for attempt in range(cfg.read_retries + 1):
         try:
             return call()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotRegular, TooLarge):
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotRegular):
             raise
         except OSError as e:
             if attempt == cfg.read_retries:

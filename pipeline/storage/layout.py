@@ -7,10 +7,12 @@ as one table.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.storage.files import Folder
+from pipeline.storage.files import Folder, is_remote
 
 # part-<shard>-<n>.parquet; in object storage part-<shard>-<n>-<run>.parquet (storage/locks.py: Lease)
 PART = re.compile(r"^part-(\d{5})-(\d{5,})(?:-([0-9a-f]{12}))?\.parquet$")
@@ -60,8 +62,19 @@ def lease_name(shard: int) -> str:
     return f".lease-{shard:05d}.json"
 
 
+def default_output(input_path: str | list[str], task: str) -> str:
+    """Where a run writes without output.dir: `outputs/<input's name>-<task>-<8 hex>`, under the
+    working directory, the hex a hash of the input's absolute location, so that the same command run
+    again from the same folder finds its output and resumes."""
+    paths = [input_path] if isinstance(input_path, str) else list(input_path)
+    where = [p if is_remote(p) else str(Path(p).expanduser().resolve()) for p in paths]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(paths[0].partition("?")[0].rstrip("/")).name).strip("._") or "input"
+    digest = hashlib.sha256("\n".join(where).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"outputs/{name[:60]}-{task}-{digest}"
+
+
 def hydra_record(shard: int, num_shards: int) -> str:
-    """Hydra's `.hydra/` record of the run that made the folder (one per shard)."""
+    """The composed config of the run that made the folder and its overrides (one per shard)."""
     return ".hydra" if num_shards == 1 else f".hydra-{shard:05d}"
 
 

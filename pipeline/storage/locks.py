@@ -38,6 +38,19 @@ def flock(path: Path, blocking: bool = True, on_wait: Callable[[], None] | None 
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def is_locked(path: Path) -> bool:
+    """Whether a process holds `path`'s lock (flock above). Asked with a shared lock on a read-only
+    handle, released at once: a reader that may not write in the folder can ask too."""
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
 class LeaseHeld(Exception):
     def __init__(self, holder: dict):
         super().__init__(holder)
@@ -98,12 +111,14 @@ class Lease:
         self._thread.start()
 
     def check(self, detail: str) -> None:
-        """Raise OutputError unless the lease is still ours: read back from the store, not assumed."""
+        """Raise OutputError unless the lease is still ours: read back from the store, not assumed. A
+        read that fails in passing falls back on our own last renewal while it has not expired."""
         if self.failure is None:
             try:
                 held = self.holder()
             except OSError as e:
-                held, self.failure = None, f"it could not be read back ({type(e).__name__}: {e})"
+                if self.record["expires"] <= time.time():
+                    self.failure = f"it could not be read back ({type(e).__name__}: {e}) and has expired"
             else:
                 if held is None or held["run"] != self.run:
                     self.failure = "another run took it over" if held else "it expired before it could be renewed"

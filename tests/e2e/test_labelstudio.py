@@ -18,7 +18,7 @@ from xml.sax.saxutils import quoteattr
 
 import pytest
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from pipeline.storage.locks import flock
 from tests.helpers import EXAMPLES, config, free_port, labels

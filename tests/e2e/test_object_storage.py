@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.annotate.resume import exclusive
-from pipeline.annotate.run import run
+from pipeline.annotation.resume import exclusive
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from pipeline.errors import InputError, OutputError
 from pipeline.storage import files
@@ -305,6 +305,19 @@ def test_a_renewal_that_fails_for_good_ends_the_run(bucket):
     lease.release()
 
 
+def test_a_read_back_that_fails_in_passing_trusts_the_lease_until_it_expires(bucket):
+    """One timed-out read of the lease before a commit ended a healthy run."""
+    lease = Lease(Folder(f"{bucket}/readback"), ".lease-00000.json", ttl=3, settle=0.1)
+    lease.acquire()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lease, "holder", lambda: (_ for _ in ()).throw(OSError("AWS Error NETWORK_CONNECTION: timeout")))
+        lease.check("2 rows were not committed")  # our own renewal has not expired
+        lease.record["expires"] = time.time() - 1
+        with pytest.raises(OutputError, match="could not be read back .* and has expired"):
+            lease.check("2 rows were not committed")
+    lease.release()
+
+
 def test_credentials_in_a_uri_and_unknown_options_are_refused(trained_checkpoint, trained_export, bucket, tmp_path):
     """They were accepted and copied into `source`, the summaries and the logs; an unknown query
     parameter was dropped without a word."""
@@ -324,6 +337,9 @@ def test_the_store_options_of_a_uri_are_used(trained_checkpoint, trained_export,
     endpoint = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
     photo = example_images()[0]
     upload(f"{bucket}/q/{photo.name}", photo.read_bytes())
+    manifest = pa.BufferOutputStream()
+    pq.write_table(pa.table({"image": [photo.name]}), manifest)
+    upload(f"{bucket}/q/list.parquet", manifest.getvalue().to_pybytes())
     with pytest.MonkeyPatch.context() as m:
         m.delenv("AWS_ENDPOINT_URL")
         files._filesystem.cache_clear()
@@ -331,5 +347,11 @@ def test_the_store_options_of_a_uri_are_used(trained_checkpoint, trained_export,
         out = f"{bucket}/q-out{query}"
         run(config(trained_checkpoint, trained_export, InputConfig(path=f"{bucket}/q{query}"), out), out)
         rows = bucket_rows(out)
+        found = []
+        for path in (f"{bucket}/q/list.parquet{query}", f"{bucket}/q{query}"):  # a manifest file, its folder
+            out = f"{bucket}/q-manifest-{len(found)}{query}"
+            run(config(trained_checkpoint, trained_export, InputConfig(kind="parquet", path=path), out), out)
+            found += [(r["id"], r["error"]) for r in bucket_rows(out)]
     files._filesystem.cache_clear()
     assert [(r["id"], r["error"]) for r in rows] == [(photo.name, None)]
+    assert found == [(photo.name, None)] * 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from tests.helpers import config, free_port, multirun, rows_by_id
 

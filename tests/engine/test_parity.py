@@ -199,6 +199,14 @@ def test_an_input_that_fails_stops_the_run_with_its_error(random_export, process
     assert len(list(eng.generate(Request(image, PROMPT, tag=i) for i in range(3)))) == 3  # the engine still works
 
 
+def test_a_stop_before_the_generation_begins_is_kept(random_export, processor):
+    """A signal while the model loads called stop() before there was anything to stop: the run went on."""
+    image = pixel_values(processor, sample_images()[0])
+    eng = engine(random_export, batch_size=2, max_new_tokens=4)
+    eng.stop()
+    assert list(eng.generate(Request(image, PROMPT, tag=i) for i in range(3))) == []
+
+
 def test_min_new_tokens_matches_transformers(trained_export, trained_checkpoint, processor):
     model = hf_model(trained_checkpoint)
     image = load_rgb(EXAMPLES / "rocket.jpg")

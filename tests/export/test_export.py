@@ -109,3 +109,27 @@ def test_export_command_rejects_a_bad_weight_format(tmp_path):
         "model.weight_format" in proc.stderr
         and "Invalid value 'int3', expected one of [fp32, fp16, int8, int4]" in proc.stderr
     )
+
+
+def test_a_checkpoint_in_the_hub_cache_is_taken_without_asking_the_hub(tmp_path, monkeypatch):
+    """Offline without HF_HUB_OFFLINE set, a first run refused a checkpoint its cache held (the hub
+    did not answer), though transformers loads it from there."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--kosmos" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someone--kosmos" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--kosmos" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    cfg = ModelConfig(source="someone/kosmos", dir=str(tmp_path / "m"))
+    export.check_source(cfg)
+    with pytest.raises(ConfigError, match="the hub did not answer for it"):
+        export.check_source(ModelConfig(source="someone/other", dir=str(tmp_path / "m")))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.annotate.decode import decode
+from pipeline.annotation.decode import decode
 from pipeline.config import InputConfig
 from pipeline.model.grounding import Tags
 from pipeline.model.processor import Processor

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
 from pipeline.records import SCHEMA
@@ -302,8 +302,8 @@ def test_labelstudio_image_references(scored_folder, tmp_path, caplog):
 def hostile_rows(images: Path) -> list[dict]:
     box = {"x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": 0.9}
     entity = {"phrase": "a cat", "start": 0, "end": 5, "score": 0.9, "boxes": [box]}
-    ids = ["", ".", "a\x00b.jpg", "../../outside.jpg", "/abs/x.jpg", "tab\tid.png", "new\nline.png", 'q"uote.png']
-    ids += ["ok/a.jpg", "ok/a.png", "x" * 300 + ".jpg"]
+    ids = ["", ".", "a\x00b.jpg", "../../outside.jpg", "/abs/x.jpg", "tab\tid.png", "new\nline.png"]
+    ids += ["cr\rid.png", 'q"uote.png', "ok/a.jpg", "ok/a.png", "x" * 300 + ".jpg"]
     return [
         {"id": i, "source": str(images / "chelsea.png"), "width": 400, "height": 300, "prompt": "p", "caption": "a cat",
          "token_ids": [1], "entities": [entity], "error": None}
@@ -327,6 +327,26 @@ def test_yolo_takes_any_id_and_writes_only_inside_its_folder(tmp_path):
     assert [r[1] for r in table[1:]] == [r["id"] for r in rows]
     assert all((dest / r[0]).read_text().startswith("0 ") for r in table[1:])
     assert not list(tmp_path.glob(".yolo*"))
+
+
+def test_yolo_replaces_only_a_folder_it_wrote(tmp_path, monkeypatch):
+    """The YOLO folder replaces dest whole: dest=. or dest=~/data once meant the folder was deleted."""
+    folder = write_rows(tmp_path / "out", hostile_rows(EXAMPLES)[-2:])
+    mine = tmp_path / "yolo"
+    labels(folder, "yolo", mine)
+    labels(folder, "yolo", mine)  # an export of ours is replaced
+    theirs = tmp_path / "data"
+    (theirs / "keep").mkdir(parents=True)
+    (theirs / "keep" / "photo.jpg").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="did not write"):
+        labels(folder, "yolo", theirs)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="holds output.dir"):
+        labels(folder, "yolo", ".")
+    assert (theirs / "keep" / "photo.jpg").read_bytes() == b"mine" and (folder / "part-00000-00000.parquet").exists()
+    labels(folder, "yolo", tmp_path / "empty")  # a new folder, and an empty one, are fine
+    (tmp_path / "bare").mkdir()
+    labels(folder, "yolo", tmp_path / "bare")
 
 
 def test_a_failed_export_leaves_no_half_dataset(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.annotate.run import run
+from pipeline.annotation.run import run
 from pipeline.config import InputConfig, OutputConfig, StatusConfig
 from pipeline.errors import OutputError
 from pipeline.outputs.status import status, table

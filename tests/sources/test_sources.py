@@ -249,6 +249,27 @@ def test_columns_of_the_wrong_type_are_refused_by_name(tmp_path, column, values,
         check(cfg)
 
 
+def test_columns_as_pandas_and_polars_write_them_are_read(tmp_path):
+    """Categories (dictionary-encoded) and string views were refused as not strings."""
+    table = pa.table(
+        {
+            "image": pa.array(["a.jpg", "b.jpg"]).dictionary_encode(),
+            "classes": pa.array([["dog"], ["cat"]], pa.list_(pa.string_view())),
+            "q": pa.array(["x", "y"], pa.string_view()),
+            "key": pa.array(["k1", "k2"]).dictionary_encode(),
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    cfg = InputConfig(kind="parquet", path=str(tmp_path / "m.parquet"), phrases_column="classes", prompt_column="q",
+                      id_column="key")  # fmt: skip
+    check(cfg)
+    items = list(iter_items(cfg))
+    assert [(i.id, i.path, i.prompt, i.phrases) for i in items] == [
+        ("k1", str(tmp_path / "a.jpg"), "x", ["dog"]),
+        ("k2", str(tmp_path / "b.jpg"), "y", ["cat"]),
+    ]
+
+
 def test_the_folder_walk_takes_regular_files_only(tmp_path):
     """A FIFO named like an image blocked its decode for ever, at every rerun."""
     import os

@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.outputs.labels.coco import write_coco, write_coco_results
 from pipeline.outputs.labels.common import categories
 from pipeline.outputs.labels.labelstudio import write_labelstudio
-from pipeline.outputs.labels.yolo import write_yolo
+from pipeline.outputs.labels.yolo import YOLO_MARKER, write_yolo
 from pipeline.storage.files import Folder
 from pipeline.storage.layout import SETTINGS, existing_output
 
@@ -44,6 +44,17 @@ def _check_dest(cfg: LabelsConfig, folder: Folder) -> None:
             f"to read as one table; write it elsewhere or under a name starting with '_' "
             f"(e.g. dest={Path(cfg.output.dir) / ('_' + (inside[0] if inside else 'labels'))})"
         )
+    if cfg.format == LabelFormat.yolo:
+        if root is not None and root.is_relative_to(dest):
+            raise ConfigError(
+                f"dest={cfg.dest!r} holds output.dir={cfg.output.dir!r}; the YOLO folder replaces "
+                "dest whole: name a folder of its own, e.g. dest=yolo/"
+            )
+        if dest.is_dir() and any(dest.iterdir()) and not (dest / YOLO_MARKER).exists():
+            raise ConfigError(
+                f"dest={cfg.dest!r} holds files kosmos-labels did not write, and the YOLO folder replaces dest "
+                "whole: name an empty or new folder, or remove this one first"
+            )
 
 
 def export_labels(cfg: LabelsConfig) -> dict:
@@ -60,7 +71,7 @@ def export_labels(cfg: LabelsConfig) -> dict:
         meta = json.loads(folder.read_text(SETTINGS)) if folder.exists(SETTINGS) else {}
         version = f"kosmos-2 {meta.get('model.source', '')} {meta.get('model.weight_format', '')}".strip()
         return write_labelstudio(folder, dest, names, cfg.min_score, version, cfg.labelstudio)
-    return write_yolo(folder, dest, names, cfg.min_score, cfg.yolo.confidence)
+    return write_yolo(folder, dest.resolve(), names, cfg.min_score, cfg.yolo.confidence)
 
 
 def main() -> None:

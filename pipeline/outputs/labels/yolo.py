@@ -9,21 +9,26 @@ from pathlib import Path, PurePosixPath
 from pipeline.outputs.labels.common import boxes, needed_score, rows, usable
 from pipeline.storage.files import Folder, atomic_folder, safe_relative
 
+YOLO_MARKER = ".kosmos-labels"  # marks a folder this tool wrote, which a later export may replace
+
 
 def write_yolo(folder: Folder, dest: Path, names: list[str], min_score: float, confidence: bool) -> dict:
     """`classes.txt`, one `labels/<id less its extension>.txt` per image (`class cx cy w h`, normalised,
-    then the score if `confidence`) and `ids.tsv` (label file, id, source; tab-separated, quoted where
-    a field holds a tab, a newline or a quote). Label files are named after the id made safe
-    (storage.files.safe_relative: never outside `labels/`); ids that would share one (`a.jpg`,
-    `a.png`) keep their extension in the name (`a.png.txt`), then a counter: every image gets its own
-    file. The folder is written whole: a killed export leaves none under `dest`."""
+        then the score if `confidence`) and `ids.tsv` (label file, id, source; tab-separated, quoted where
+        a field holds a tab, a line break or a quote). Label files are named after the id made safe
+        (storage.files.safe_relative: never outside `labels/`); ids that would share one (`a.jpg`,
+        `a.png`) keep their extension in the name (`a.png.txt`), then a counter: every image gets its own
+        file. The folder is written whole and replaces an older export under `dest` (one holding
+    YOLO_MARKER: the labels command refuses any other non-empty folder); a killed export leaves none."""
     ids = {name: i for i, name in enumerate(names)}
     counts = {"images": 0, "boxes": 0}
     used: set[str] = set()
     with atomic_folder(dest) as out:
+        (out / YOLO_MARKER).write_text("written by kosmos-labels format=yolo; replaced whole by the next export\n")
         (out / "classes.txt").write_text("".join(n + "\n" for n in names))
         with open(out / "ids.tsv", "w", newline="") as f:
             mapping = csv.writer(f, delimiter="\t", lineterminator="\n")
+            quoted = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_ALL)  # csv leaves \r bare
             mapping.writerow(["label_file", "id", "source"])
             for row in rows(folder):
                 if not usable(row):
@@ -40,7 +45,8 @@ def write_yolo(folder: Folder, dest: Path, names: list[str], min_score: float, c
                 target = out / "labels" / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text("".join(lines))
-                mapping.writerow([f"labels/{name}", row["id"], row["source"]])
+                fields = [f"labels/{name}", row["id"], row["source"]]
+                (quoted if any("\r" in field for field in fields) else mapping).writerow(fields)
                 counts["images"] += 1
                 counts["boxes"] += len(lines)
     return counts
