@@ -25,7 +25,8 @@ from pipeline.records import Item, printable
 from pipeline.sources.base import Keep, base_name, info, listing
 from pipeline.storage.files import filesystem, has_glob, is_remote, join, parent, without_query
 
-BATCH_ROWS = 64  # rows of image bytes in memory at once, beside the data page being read
+BATCH_ROWS = 64  # rows in memory at once, beside the data page being read...
+BATCH_BYTES = 32 << 20  # ...fewer where the row group's rows average more than BATCH_BYTES / BATCH_ROWS
 READ_BUFFER = 1 << 20  # read column chunks through a buffer of this size, page by page
 
 
@@ -182,7 +183,8 @@ class ManifestSource:
                                 yield Item(id=item_id, source=f"{file}#{row + i}", mine=i in mine)
                             row, position = row + rows, position + rows
                             continue
-                    for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=self.columns):
+                    size = _batch_rows(pf.metadata.row_group(group), self.columns)
+                    for batch in pf.iter_batches(batch_size=size, row_groups=[group], columns=self.columns):
                         data = batch.to_pydict()
                         for i in range(batch.num_rows):
                             if position >= hi:
@@ -265,6 +267,17 @@ class ManifestSource:
         elif cfg.id_column and values.get(cfg.id_column) is None:
             item.error = f"null id: column {cfg.id_column!r} is null in this row"
         return item
+
+
+def _batch_rows(group: pq.RowGroupMetaData, columns: list[str]) -> int:
+    """Rows a batch of this row group may hold to stay near BATCH_BYTES, from the footer's sizes: a
+    batch of 64 rows of 4 MB images would hold 256 MB twice over (Arrow's buffers and their copy)."""
+    size = sum(
+        c.total_uncompressed_size
+        for c in map(group.column, range(group.num_columns))
+        if c.path_in_schema.split(".")[0] in columns
+    )
+    return max(1, min(BATCH_ROWS, BATCH_BYTES * group.num_rows // max(size, 1)))
 
 
 def _plain(test: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
