@@ -78,6 +78,14 @@ class LabelFormat(Choice):
     coco_results = "coco_results"
     labelstudio = "labelstudio"
     yolo = "yolo"
+    hf = "hf"
+    grit = "grit"
+    voc = "voc"
+
+
+class ImageCopy(Choice):
+    link = "link"
+    copy = "copy"
 
 
 @dataclass
@@ -346,6 +354,7 @@ class LabelStudioOptions:
 @dataclass
 class YoloOptions:
     confidence: bool = opt(False, "A sixth column with the box's score (class cx cy w h conf).")
+    images: ImageCopy = opt(ImageCopy.link, "Images in images/: link (hard link, else symbolic) or copy.")
 
 
 @dataclass
@@ -353,11 +362,16 @@ class LabelsConfig:
     """kosmos-labels."""
 
     output: OutputConfig = opt(OutputConfig(), "output.dir: the kosmos-annotate output folder to read.")
-    format: LabelFormat = opt(LabelFormat.coco, "coco, coco_results, labelstudio or yolo.")
-    dest: str | None = opt(None, "Where to write: a file (coco, coco_results, labelstudio) or a folder (yolo).")
-    classes: list[str] = opt(
-        [], "Categories, in this order; other phrases are left out. Empty = every distinct phrase."
+    format: LabelFormat = opt(LabelFormat.coco, "coco, coco_results, labelstudio, yolo, hf, grit or voc.")
+    dest: str | None = opt(
+        None, "Where to write: a file (coco, coco_results, labelstudio; grit: a .parquet) or a folder (yolo, hf, voc)."
     )
+    classes: Any = opt(
+        None,
+        "A list ([dog,person]: phrases whose head noun is one), a mapping of class to synonyms "
+        "({person: [a man, people]}) or a YAML file of either; null = each phrase's head noun.",
+    )
+    split: float | None = opt(None, "yolo, hf: this share of images to train, the rest to val, by a hash of the id.")
     min_score: float = opt(0.0, "Leave out boxes scoring below this.")
     labelstudio: LabelStudioOptions = opt(LabelStudioOptions(), "Where Label Studio fetches each task's image.")
     yolo: YoloOptions = opt(YoloOptions(), "YOLO options.")
@@ -367,6 +381,10 @@ class LabelsConfig:
             raise ConfigError(f"min_score={self.min_score} must be between 0 and 1")
         if self.labelstudio.document_root and self.labelstudio.url_prefix:
             raise ConfigError("set labelstudio.document_root or labelstudio.url_prefix, not both")
+        if self.split is not None and not 0 < self.split < 1:
+            raise ConfigError(f"split={self.split} must be between 0 and 1 (the share of images to train on)")
+        if self.split is not None and self.format not in (LabelFormat.yolo, LabelFormat.hf):
+            raise ConfigError(f"split is for format=yolo or hf, not {self.format}")
 
 
 @dataclass

@@ -85,7 +85,7 @@ class WebDatasetSource:
         for file in tars:
             try:
                 with tarfile.open(file, "r:") as tar:
-                    keys = (_key(m)[0] for m in _members(tar) if m.isfile())
+                    keys = (member_key(m)[0] for m in tar_members(tar) if m.isfile())
                     total += sum(1 for _ in itertools.groupby(keys))
             except (tarfile.TarError, EOFError, OSError):
                 return None
@@ -136,14 +136,14 @@ class WebDatasetSource:
                 fs, path = filesystem(file)
                 raw = retried(lambda fs=fs, path=path: fs.open_input_stream(path), self.cfg, f"opening {file}")
                 with raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                    for member in _members(tar):
+                    for member in tar_members(tar):
                         if not member.isfile():
                             continue
-                        member_key, ext = _key(member)
-                        if member_key != key and key is not None:
+                        found, ext = member_key(member)
+                        if found != key and key is not None:
                             yield self._sample(file, key, members)
                             members = {}
-                        key = member_key
+                        key = found
                         if ext not in wanted:
                             members[ext] = None  # named in an error message, never read
                         elif member.size > self.cfg.max_image_bytes:
@@ -181,7 +181,7 @@ class WebDatasetSource:
         return item
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+def tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """The tar's members one by one. tarfile keeps every header it has read (memory that grows with
     the tar: about 450 bytes a member, 450 MB for a million); they are let go as we go."""
     while (member := tar.next()) is not None:
@@ -189,7 +189,7 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _key(member: tarfile.TarInfo) -> tuple[str, str]:
+def member_key(member: tarfile.TarInfo) -> tuple[str, str]:
     """A member's sample key (its path less everything from the first `.` of its name) and extension."""
     folder, _, name = member.name.rpartition("/")
     stem, _, ext = name.partition(".")

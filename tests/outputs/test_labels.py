@@ -1,10 +1,11 @@
-"""Exports of the parquet output: COCO (loaded by pycocotools), Label Studio, YOLO."""
+"""Exports of the parquet output: COCO (loaded by pycocotools), Label Studio, YOLO, Hugging Face datasets, GRIT, VOC."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pytest
 from pipeline.annotation.run import run
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
+from pipeline.outputs.labels.classes import Classes
 from pipeline.records import SCHEMA
 from tests.helpers import EXAMPLES, REPO, config, labels, write_rows
 
@@ -30,7 +32,7 @@ def labels_dir(trained_checkpoint, trained_export, tmp_path_factory) -> Path:
 
 
 def parquet_boxes(folder: Path) -> dict[str, list]:
-    """(phrase, pixel x, y, w, h) per image id, from the parquet output."""
+    """(class, pixel x, y, w, h) per image id, from the parquet output: the class is the phrase's head noun."""
     out = {}
     for row in pq.read_table(folder).to_pylist():
         if row["error"]:
@@ -38,7 +40,7 @@ def parquet_boxes(folder: Path) -> dict[str, list]:
         w, h = row["width"], row["height"]
         out[row["id"]] = [
             (
-                e["phrase"],
+                Classes(None).of(e["phrase"])[0],
                 min(b["x1"], b["x2"]) * w,
                 min(b["y1"], b["y2"]) * h,
                 abs(b["x2"] - b["x1"]) * w,
@@ -56,7 +58,8 @@ def test_coco_loads_with_pycocotools_and_round_trips_boxes(labels_dir, tmp_path)
     counts = labels(labels_dir, "coco", tmp_path / "coco.json")
     coco = COCO(str(tmp_path / "coco.json"))
     want = parquet_boxes(labels_dir)
-    assert counts == {"images": len(want), "annotations": sum(len(v) for v in want.values())}
+    assert (counts["images"], counts["annotations"]) == (len(want), sum(len(v) for v in want.values()))
+    assert counts["classes"] == dict(Counter(c for v in want.values() for c, *_ in v))
     assert {c["name"] for c in coco.loadCats(coco.getCatIds())} == {p for v in want.values() for p, *_ in v}
     for image in coco.loadImgs(coco.getImgIds()):
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
@@ -69,9 +72,9 @@ def test_coco_loads_with_pycocotools_and_round_trips_boxes(labels_dir, tmp_path)
 
 
 def test_class_list_fixes_categories_and_their_order(labels_dir, tmp_path):
-    labels(labels_dir, "coco", tmp_path / "coco.json", classes=["A Cat", "dog"])
+    labels(labels_dir, "coco", tmp_path / "coco.json", classes=["Cats", "dog"])
     data = json.loads((tmp_path / "coco.json").read_text())
-    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "a cat"), (2, "dog")]
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "cat"), (2, "dog")]
     assert {a["category_id"] for a in data["annotations"]} == {1}
 
 
@@ -100,11 +103,13 @@ def test_yolo_txt(labels_dir, tmp_path):
     want = parquet_boxes(labels_dir)
     assert counts["images"] == len(want)
     mapping = {
-        i: f for f, i, _ in (line.split("\t") for line in (tmp_path / "yolo" / "ids.tsv").read_text().splitlines()[1:])
+        i: f
+        for f, _, i, _ in (line.split("\t") for line in (tmp_path / "yolo" / "ids.tsv").read_text().splitlines()[1:])
     }
     assert set(mapping) == set(want)
     for image_id, boxes in want.items():
         assert mapping[image_id] == "labels/" + Path(image_id).with_suffix(".txt").name
+        assert (tmp_path / "yolo" / "images" / image_id).read_bytes() == (EXAMPLES / image_id).read_bytes()
         lines = (tmp_path / "yolo" / mapping[image_id]).read_text().splitlines()
         assert [classes[int(line.split()[0])] for line in lines] == [b[0] for b in boxes]
         assert all(0 <= float(v) <= 1 for line in lines for v in line.split()[1:])
@@ -112,11 +117,17 @@ def test_yolo_txt(labels_dir, tmp_path):
 
 def test_yolo_gives_every_id_its_own_label_file(tmp_path):
     """`a.jpg` and `a.png` would both be `a.txt`: the second keeps its extension, the mapping says which."""
+    from PIL import Image
+
     box = {"x1": 0.1, "y1": 0.2, "x2": 0.3, "y2": 0.4}
+    data = tmp_path / "data"
+    for i in ("a.jpg", "a.png", "sub/a.jpg", "a"):
+        (data / i).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (100, 50)).save(data / i, format="PNG" if i != "a.jpg" else "JPEG")
     rows = [
         {
             "id": i,
-            "source": f"/data/{i}",
+            "source": str(data / i),
             "width": 100,
             "height": 50,
             "prompt": "p",
@@ -133,15 +144,16 @@ def test_yolo_gives_every_id_its_own_label_file(tmp_path):
     assert labels(folder, "yolo", tmp_path / "yolo")["images"] == 4
     lines = (tmp_path / "yolo" / "ids.tsv").read_text().splitlines()
     assert lines == [
-        "label_file\tid\tsource",
-        "labels/a.txt\ta.jpg\t/data/a.jpg",
-        "labels/a.png.txt\ta.png\t/data/a.png",
-        "labels/sub/a.txt\tsub/a.jpg\t/data/sub/a.jpg",
-        "labels/a.1.txt\ta\t/data/a",
+        "label_file\timage_file\tid\tsource",
+        f"labels/a.txt\timages/a.jpg\ta.jpg\t{data}/a.jpg",
+        f"labels/a.png.txt\timages/a.png.png\ta.png\t{data}/a.png",
+        f"labels/sub/a.txt\timages/sub/a.jpg\tsub/a.jpg\t{data}/sub/a.jpg",
+        f"labels/a.1.txt\timages/a.1.png\ta\t{data}/a",  # no extension: Pillow names its format
     ]
     classes = (tmp_path / "yolo" / "classes.txt").read_text().splitlines()
     for line in lines[1:]:
-        name, image_id, _ = line.split("\t")
+        name, image, image_id, _ = line.split("\t")
+        assert (tmp_path / "yolo" / image).read_bytes() == (data / image_id).read_bytes()
         phrase = next(r["entities"][0]["phrase"] for r in rows if r["id"] == image_id)
         assert classes[int((tmp_path / "yolo" / name).read_text().split()[0])] == phrase
 
@@ -159,8 +171,8 @@ def test_dest_inside_the_output_folder_must_start_with_underscore(labels_dir, tm
 
 
 def test_bad_arguments_are_config_errors(labels_dir, tmp_path):
-    with pytest.raises(ConfigError, match="format='voc'"):
-        labels(labels_dir, "voc", tmp_path / "x")
+    with pytest.raises(ConfigError, match="format='pdf'"):
+        labels(labels_dir, "pdf", tmp_path / "x")
     with pytest.raises(ConfigError, match="holds no part files"):
         labels(tmp_path, "coco", tmp_path / "x.json")
 
@@ -231,9 +243,9 @@ def test_every_format_keeps_scores_and_min_score_drops_boxes(scored_folder, tmp_
     labels(scored_folder, "coco", tmp_path / "coco.json", min_score=0.5)
     coco = json.loads((tmp_path / "coco.json").read_text())
     assert [a["score"] for a in coco["annotations"]] == pytest.approx([0.9, 0.6])
-    assert [c["name"] for c in coco["categories"]] == ["a cat"]  # "a mat" scored 0.2 only
+    assert [c["name"] for c in coco["categories"]] == ["cat"]  # "a mat" scored 0.2 only
 
-    assert labels(scored_folder, "coco_results", tmp_path / "results.json") == {"detections": 3}
+    assert labels(scored_folder, "coco_results", tmp_path / "results.json")["detections"] == 3
     gt = COCO(str(tmp_path / "coco.json"))
     labels(scored_folder, "coco_results", tmp_path / "results.json", min_score=0.5)
     results = gt.loadRes(str(tmp_path / "results.json"))  # pycocotools reads it against the COCO file
@@ -319,12 +331,14 @@ def test_yolo_takes_any_id_and_writes_only_inside_its_folder(tmp_path):
     rows = hostile_rows(EXAMPLES)
     folder = write_rows(tmp_path / "out", rows)
     dest = tmp_path / "yolo"
-    assert labels(folder, "yolo", dest) == {"images": len(rows), "boxes": len(rows)}
+    counts = labels(folder, "yolo", dest)
+    assert (counts["images"], counts["boxes"]) == (len(rows), len(rows))
     written = [p for p in dest.rglob("*.txt") if p.name != "classes.txt"]
     assert len(written) == len(rows) and all(p.resolve().is_relative_to((dest / "labels").resolve()) for p in written)
     with open(dest / "ids.tsv", newline="") as f:
         table = list(csv.reader(f, delimiter="\t"))
-    assert [r[1] for r in table[1:]] == [r["id"] for r in rows]
+    assert [r[2] for r in table[1:]] == [r["id"] for r in rows]
+    assert all((dest / r[1]).resolve().is_relative_to((dest / "images").resolve()) for r in table[1:])
     assert all((dest / r[0]).read_text().startswith("0 ") for r in table[1:])
     assert not list(tmp_path.glob(".yolo*"))
 
@@ -349,11 +363,14 @@ def test_yolo_replaces_only_a_folder_it_wrote(tmp_path, monkeypatch):
     labels(folder, "yolo", tmp_path / "bare")
 
 
-def test_a_failed_export_leaves_no_half_dataset(tmp_path, monkeypatch):
-    from pipeline.outputs.labels import yolo
+@pytest.mark.parametrize("fmt", ["yolo", "voc", "hf", "grit", "coco"])
+def test_a_failed_export_leaves_no_half_dataset(tmp_path, monkeypatch, fmt):
+    from pipeline.outputs.labels import common
 
+    if fmt == "hf":
+        pytest.importorskip("datasets", reason='format=hf needs the hf extra: pip install "kosmos-annotate[hf]"')
     folder = write_rows(tmp_path / "out", hostile_rows(EXAMPLES))
-    real = yolo.rows
+    real = common.rows
 
     def breaks(folder):
         for k, row in enumerate(real(folder)):
@@ -361,7 +378,120 @@ def test_a_failed_export_leaves_no_half_dataset(tmp_path, monkeypatch):
                 raise OSError(28, "No space left on device")
             yield row
 
-    monkeypatch.setattr(yolo, "rows", breaks)
+    monkeypatch.setattr(common, "rows", breaks)
+    dest = tmp_path / ("export.parquet" if fmt == "grit" else "export.json" if fmt == "coco" else "export")
     with pytest.raises(OSError):
-        labels(folder, "yolo", tmp_path / "yolo")
-    assert not (tmp_path / "yolo").exists() and not list(tmp_path.glob(".yolo*"))
+        labels(folder, fmt, dest)
+    assert not dest.exists() and not list(tmp_path.glob(".export*")), list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- datasets to train on
+
+
+def test_yolo_dataset_as_ultralytics_reads_it(labels_dir, tmp_path):
+    """images/ and labels/ pair by ultralytics' rule (`/images/` -> `/labels/`, the extension -> .txt),
+    data.yaml names the classes and the splits. ultralytics itself checks it where it imports (it needs
+    torchvision, which does not import against torch 2.13.0's CPU build here)."""
+    import yaml
+
+    dest = tmp_path / "yolo"
+    counts = labels(labels_dir, "yolo", dest, split=0.5, yolo={"images": "copy"})
+    data = yaml.safe_load((dest / "data.yaml").read_text())
+    assert data["train"] == "images/train" and data["val"] == "images/val" and data["path"] == str(dest.resolve())
+    assert list(data["names"].values()) == (dest / "classes.txt").read_text().splitlines()
+    images = sorted(p for p in (dest / "images").rglob("*") if p.is_file())
+    assert len(images) == counts["images"] == len(parquet_boxes(labels_dir))
+    for image in images:
+        label = Path(str(image).replace("/images/", "/labels/")).with_suffix(".txt")
+        assert label.exists() and image.parent.name in ("train", "val")
+        for line in label.read_text().splitlines():
+            cls, *xywh = line.split()
+            assert 0 <= int(cls) < len(data["names"]) and all(0 <= float(v) <= 1 for v in xywh)
+    again = tmp_path / "again"
+    labels(labels_dir, "yolo", again, split=0.5)
+    assert sorted(p.relative_to(again / "images") for p in (again / "images").rglob("*.*")) == [
+        p.relative_to(dest / "images") for p in images
+    ]  # the split is the same each time; link or copy, the same names
+    try:
+        from ultralytics.data.utils import check_det_dataset
+    except Exception:  # not installed, or torchvision missing
+        return
+    assert check_det_dataset(str(dest / "data.yaml"))["nc"] == len(data["names"])
+
+
+def test_hf_dataset_loads_with_datasets(labels_dir, tmp_path):
+    datasets = pytest.importorskip("datasets", reason='format=hf needs the hf extra: pip install "kosmos-annotate[hf]"')
+    counts = labels(labels_dir, "hf", tmp_path / "hf")
+    ds = datasets.load_from_disk(str(tmp_path / "hf"))
+    want = parquet_boxes(labels_dir)
+    assert len(ds) == counts["images"] == len(want)
+    category = ds.features["objects"]["category"]  # Sequence of a dict: a dict of Sequences
+    names = getattr(category, "feature", category).names
+    assert isinstance(ds.features["image"], datasets.Image) and names == sorted(
+        {c for v in want.values() for c, *_ in v}
+    )
+    for example in ds:
+        assert example["image"].size == (example["width"], example["height"])
+        got = list(zip(example["objects"]["category"], example["objects"]["bbox"]))
+        assert len(got) == len(want[example["id"]])
+        for (category, bbox), (cls, x, y, w, h) in zip(got, want[example["id"]]):
+            assert names[category] == cls and max(abs(a - b) for a, b in zip(bbox, (x, y, w, h))) <= 1.0
+        assert all(0 <= s <= 1 for s in example["objects"]["score"])
+    split = datasets.load_from_disk(str(labels(labels_dir, "hf", tmp_path / "hf2", split=0.5) and tmp_path / "hf2"))
+    assert set(split) == {"train", "validation"} and len(split["train"]) + len(split["validation"]) == len(want)
+
+
+def test_grit_rows_span_their_caption(labels_dir, tmp_path):
+    counts = labels(labels_dir, "grit", tmp_path / "grit.parquet")
+    table = pq.read_table(tmp_path / "grit.parquet").to_pylist()
+    out = {r["id"]: r for r in pq.read_table(labels_dir).to_pylist() if not r["error"]}
+    assert len(table) == counts["rows"] == len(out)
+    for row in table:
+        entities = [e for e in out[row["id"]]["entities"] for _ in e["boxes"]]
+        assert len(row["ref_exps"]) == len(row["noun_chunks"]) == len(entities)
+        for ref, chunk, entity in zip(row["ref_exps"], row["noun_chunks"], entities):
+            assert row["caption"][int(ref[0]) : int(ref[1])] == entity["phrase"]
+            assert ref[0] == chunk[0] < chunk[1] <= ref[1] and ref[2:] == chunk[2:]
+            assert all(0 <= v <= 1 for v in ref[2:6]) and ref[2] <= ref[4] and ref[3] <= ref[5]
+
+
+def test_grit_noun_chunks_end_at_the_head_noun():
+    from pipeline.outputs.labels.grit import _chunk_length
+
+    assert _chunk_length("a man in a red shirt") == len("a man")
+    assert _chunk_length("A brown dog") == len("A brown dog")
+    assert _chunk_length("two dogs playing on the grass") == len("two dogs")
+
+
+def test_voc_xml_parses_back(labels_dir, tmp_path):
+    from xml.etree import ElementTree as ET
+
+    counts = labels(labels_dir, "voc", tmp_path / "voc")
+    want = parquet_boxes(labels_dir)
+    listed = (tmp_path / "voc" / "ImageSets" / "Main" / "default.txt").read_text().splitlines()
+    assert len(listed) == counts["images"] == len(want)
+    for stem in listed:
+        root = ET.parse(tmp_path / "voc" / "Annotations" / f"{stem}.xml").getroot()
+        image_id = root.findtext("filename")
+        got = root.findall("object")
+        assert len(got) == len(want[image_id])
+        assert int(root.findtext("size/width")) > 0
+        for obj, (cls, x, y, _w, h) in zip(got, want[image_id]):
+            box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            assert obj.findtext("name") == cls and abs(box[0] - (x + 1)) <= 1.1 and abs(box[3] - (y + h)) <= 1.1
+            assert 0 <= float(obj.findtext("score")) <= 1
+
+
+def test_background_images_are_kept_and_counts_are_reported(labels_dir, tmp_path, caplog):
+    """An image no class takes is still in the dataset (an empty label file, a COCO image without
+    annotations); each export reports the boxes of each class and warns when most are left out."""
+    with caplog.at_level("INFO", logger="kosmos-labels"):
+        counts = labels(labels_dir, "yolo", tmp_path / "yolo", classes=["rocket"])
+    want = parquet_boxes(labels_dir)
+    assert counts["images"] == len(want) and counts["classes"] == {"rocket": counts["boxes"]}
+    assert counts["unmatched boxes"] == sum(len(v) for v in want.values()) - counts["boxes"]
+    empty = [p for p in (tmp_path / "yolo" / "labels").glob("*.txt") if not p.read_text()]
+    assert len(empty) == sum(1 for v in want.values() if not any(c == "rocket" for c, *_ in v))
+    assert "rocket" in caplog.text and "(no class)" in caplog.text
+    if counts["unmatched boxes"] > counts["boxes"]:
+        assert "the classes took" in caplog.text

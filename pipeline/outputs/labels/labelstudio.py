@@ -6,10 +6,11 @@ import json
 import logging
 from pathlib import Path
 from urllib.parse import quote
+from xml.sax.saxutils import quoteattr
 
 from pipeline.config import LabelStudioOptions
 from pipeline.errors import ConfigError
-from pipeline.outputs.labels.common import boxes, rows, usable
+from pipeline.outputs.labels.common import Labeller
 from pipeline.storage.files import Folder, atomic
 
 log = logging.getLogger("kosmos-labels")
@@ -33,12 +34,14 @@ def image_reference(row: dict, options: LabelStudioOptions) -> str:
 
 
 def write_labelstudio(
-    folder: Folder, dest: Path, names: list[str], min_score: float, version: str, options: LabelStudioOptions
+    folder: Folder, dest: Path, names: list[str], labeller: Labeller, version: str, options: LabelStudioOptions
 ) -> dict:
     """Label Studio tasks with predictions (rectanglelabels in percent of the image). Each region
-    carries its box's score; each prediction the mean of its regions' scores, which Label Studio
-    sorts and filters tasks by."""
-    wanted = set(names)
+    carries its box's score and the phrase in its `meta`; each prediction the mean of its regions'
+    scores, which Label Studio sorts and filters tasks by. Beside `dest`, `<dest>.xml`: the project's
+    labelling config, listing the classes."""
+    with atomic(dest.with_name(dest.name + ".xml")) as f:
+        f.write(label_config(names))
     counts = {"tasks": 0, "regions": 0}
     if not (options.document_root or options.url_prefix):
         log.warning(
@@ -48,11 +51,9 @@ def write_labelstudio(
         )
     with atomic(dest) as f:
         f.write("[")
-        for row in rows(folder):
-            if not usable(row):
-                continue
+        for row, boxes in labeller.labelled(folder):
             result = []
-            for k, box in enumerate(b for b in boxes(row, min_score) if b.label in wanted):
+            for k, box in enumerate(boxes):
                 result.append(
                     {
                         "id": f"r{k}",
@@ -63,6 +64,7 @@ def write_labelstudio(
                         "original_height": row["height"],
                         "image_rotation": 0,
                         "score": box.score,
+                        "meta": {"text": box.phrase},
                         "value": {
                             "x": 100 * box.x / row["width"],
                             "y": 100 * box.y / row["height"],
@@ -83,3 +85,12 @@ def write_labelstudio(
             counts["regions"] += len(result)
         f.write("]")
     return counts
+
+
+def label_config(names: list[str]) -> str:
+    """A Label Studio labelling config of rectangles, one label a class (the project's `label_config`)."""
+    labels = "".join(f"<Label value={quoteattr(n)}/>" for n in names)
+    return (
+        f'<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">{labels}'
+        "</RectangleLabels></View>\n"
+    )

@@ -1,4 +1,4 @@
-"""YOLO txt labels: `classes.txt`, one label file per image, and `ids.tsv` mapping them to ids."""
+"""A YOLO dataset as ultralytics loads it: `images/`, `labels/` and `data.yaml`."""
 
 from __future__ import annotations
 
@@ -6,56 +6,77 @@ import csv
 from itertools import chain, count
 from pathlib import Path, PurePosixPath
 
-from pipeline.outputs.labels.common import boxes, needed_score, rows, usable
+import yaml
+
+from pipeline.outputs.labels.common import MARKER, Labeller, needed_score, split_of
+from pipeline.outputs.labels.images import SourceImages, extension
 from pipeline.storage.files import Folder, atomic_folder, safe_relative
 
-YOLO_MARKER = ".kosmos-labels"  # marks a folder this tool wrote, which a later export may replace
 
+def write_yolo(
+    folder: Folder,
+    dest: Path,
+    names: list[str],
+    labeller: Labeller,
+    confidence: bool,
+    link: bool,
+    split: float | None,
+    images: SourceImages,
+) -> dict:
+    """`images/[train|val/]<name>.<ext>` (linked or copied), `labels/[train|val/]<name>.txt` (`class cx
+    cy w h`, normalised, then the score if `confidence`; empty for an image no class takes, which
+    ultralytics counts as background), `data.yaml` (the path, the splits, the class names) and `ids.tsv`
+    (label file, id, source; tab-separated, quoted where a field holds a tab, a line break or a quote).
 
-def write_yolo(folder: Folder, dest: Path, names: list[str], min_score: float, confidence: bool) -> dict:
-    """`classes.txt`, one `labels/<id less its extension>.txt` per image (`class cx cy w h`, normalised,
-        then the score if `confidence`) and `ids.tsv` (label file, id, source; tab-separated, quoted where
-        a field holds a tab, a line break or a quote). Label files are named after the id made safe
-        (storage.files.safe_relative: never outside `labels/`); ids that would share one (`a.jpg`,
-        `a.png`) keep their extension in the name (`a.png.txt`), then a counter: every image gets its own
-        file. The folder is written whole and replaces an older export under `dest` (one holding
-    YOLO_MARKER: the labels command refuses any other non-empty folder); a killed export leaves none."""
+    Files are named after the id made safe (storage.files.safe_relative: never outside the folder);
+    ids that would share one (`a.jpg`, `a.png`) keep their extension in the name (`a.png.png`), then
+    a counter: every image gets its own pair. The folder is written whole and replaces an older export
+    under `dest` (one holding MARKER: the labels command refuses any other non-empty folder); a
+    killed export leaves none."""
     ids = {name: i for i, name in enumerate(names)}
     counts = {"images": 0, "boxes": 0}
     used: set[str] = set()
     with atomic_folder(dest) as out:
-        (out / YOLO_MARKER).write_text("written by kosmos-labels format=yolo; replaced whole by the next export\n")
-        (out / "classes.txt").write_text("".join(n + "\n" for n in names))
+        (out / MARKER).write_text("written by kosmos-labels format=yolo; replaced whole by the next export\n")
         with open(out / "ids.tsv", "w", newline="") as f:
             mapping = csv.writer(f, delimiter="\t", lineterminator="\n")
             quoted = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_ALL)  # csv leaves \r bare
-            mapping.writerow(["label_file", "id", "source"])
-            for row in rows(folder):
-                if not usable(row):
-                    continue
+            mapping.writerow(["label_file", "image_file", "id", "source"])
+            for row, boxes in labeller.labelled(folder):
+                w, h = row["width"], row["height"]
                 lines = [
-                    f"{ids[b.label]} {(b.x + b.w / 2) / row['width']:.6f} {(b.y + b.h / 2) / row['height']:.6f} "
-                    f"{b.w / row['width']:.6f} {b.h / row['height']:.6f}"
+                    f"{ids[b.label]} {(b.x + b.w / 2) / w:.6f} {(b.y + b.h / 2) / h:.6f} {b.w / w:.6f} {b.h / h:.6f}"
                     + (f" {needed_score(b.score, row, 'yolo.confidence'):.6f}" if confidence else "")
                     + "\n"
-                    for b in boxes(row, min_score)
-                    if b.label in ids
+                    for b in boxes
                 ]
-                name = _label_file(safe_relative(row["id"]), used)
-                target = out / "labels" / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text("".join(lines))
-                fields = [f"labels/{name}", row["id"], row["source"]]
+                part = split_of(row["id"], split)
+                stem = image_stem(safe_relative(row["id"]), used)
+                data = None if images.is_file(row["source"]) else images.data(row["source"])
+                label = PurePosixPath("labels", part, stem + ".txt").as_posix()
+                image = PurePosixPath("images", part, f"{stem}.{extension(row['source'], data)}").as_posix()
+                for name in (label, image):
+                    (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / label).write_text("".join(lines))
+                if data is None:
+                    images.place(row["source"], out / image, link)
+                else:
+                    (out / image).write_bytes(data)
+                fields = [label, image, row["id"], row["source"]]
                 (quoted if any("\r" in field for field in fields) else mapping).writerow(fields)
                 counts["images"] += 1
                 counts["boxes"] += len(lines)
+        train, val = ("images/train", "images/val") if split is not None else ("images", "images")
+        data_yaml = {"path": str(dest.resolve()), "train": train, "val": val, "names": dict(enumerate(names))}
+        (out / "data.yaml").write_text(yaml.safe_dump(data_yaml, sort_keys=False, allow_unicode=True))
+        (out / "classes.txt").write_text("".join(n + "\n" for n in names))
     return counts
 
 
-def _label_file(name: str, used: set[str]) -> str:
-    """The first free name of `a.txt`, `a.jpg.txt`, `a.jpg.1.txt`, ... for `a.jpg` (`used` is updated)."""
-    stem = PurePosixPath(name).with_suffix("").as_posix()
-    names = chain([f"{stem}.txt", f"{name}.txt"], (f"{name}.{k}.txt" for k in count(1)))
-    found = next(n for n in names if n not in used)
-    used.add(found)
+def image_stem(name: str, used: set[str]) -> str:
+    """The first free stem of `a`, `a.jpg`, `a.jpg.1`, ... for `a.jpg` (`used` is updated). Stems are
+    compared case-folded: two ids differing in case only must not share a file on a case-blind disk."""
+    stem = PurePosixPath(name).with_suffix("").as_posix() if PurePosixPath(name).suffix else name
+    found = next(n for n in chain([stem, name], (f"{name}.{k}" for k in count(1))) if n.casefold() not in used)
+    used.add(found.casefold())
     return found

@@ -1,0 +1,170 @@
+"""Classes from Kosmos-2's free-text phrases: "a dog", "the dogs", "two dogs" and "a brown dog" are
+all `dog`.
+
+A phrase is read as [determiners and numerals] [modifiers] HEAD [the rest]: the rest starts at the
+first preposition, conjunction, relative pronoun or participle ("a man in a red shirt", "a dog
+that is running"), and a collective before "of" gives way to what follows ("a pair of shoes",
+"a group of people"). Its core is modifiers + HEAD with HEAD made singular ("brown dog"); its
+attribute is what is left once the class is taken off ("brown", "in a red shirt").
+
+A class given as a list matches the phrases whose core is the class or ends with it ("dog" takes
+"brown dog", "teddy bear" takes "brown teddy bear"); as a mapping, each class also matches its
+synonyms, read the same way ({person: [a man, a woman, people]}); the longest match wins. With no
+classes, a phrase's class is its head noun.
+
+Singular forms come from `inflect` (imported on first use: about 3 s, see docs/performance.md),
+less the words it gets wrong for our use: nouns ending in -s that are singular ("bus", "lens") and
+plurals that name one thing ("jeans", "glasses").
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+DETERMINERS = frozenset(
+    "a an the this that these those some many several few various numerous all both each every any no "
+    "another other one two three four five six seven eight nine ten eleven twelve dozen dozens "
+    "his her their its my your our whose".split()
+)
+# Words that end the noun phrase: what follows describes it.
+STOPS = frozenset(
+    "in on at with without from near behind under over by for to into onto beside besides between "
+    "across through along around against above below beneath inside outside atop among like of off "
+    "but while as than that which who whom where when "
+    "wearing holding sitting standing lying laying walking running riding playing looking eating "
+    "carrying using talking flying swimming jumping hanging parked covered filled made dressed "
+    "is are was were being".split()
+)
+# "a pair of shoes" is shoes: the collective gives way to what follows "of".
+COLLECTIVES = frozenset(
+    "pair pairs group groups couple herd flock bunch bunches crowd team row rows pile piles stack stacks "
+    "set sets lot lots number bundle cluster collection variety line lines school pack swarm".split()
+)
+# Singular already, where inflect would cut an -s ("bus" -> "bu"), and plurals naming one thing.
+SINGULAR = frozenset(
+    "bus gas lens canvas cactus octopus virus iris tennis bonus campus census circus focus fungus "
+    "hippopotamus walrus asparagus hummus status atlas bias chaos christmas mattress dress glass grass "
+    "jeans pants shorts trousers glasses sunglasses eyeglasses goggles scissors clothes tongs pliers "
+    "headphones earphones binoculars pajamas overalls leggings tights news series species".split()
+)
+WORD = re.compile(r"[\w'-]+|[,;:]")
+JOINS = frozenset({"and", "or", "&"})  # end the phrase before a determiner ("a boy and a girl"), else join modifiers
+
+
+@functools.cache
+def _inflect():
+    import inflect  # 3 s to import: only where a phrase is read
+
+    return inflect.engine()
+
+
+@functools.cache
+def singular(word: str) -> str:
+    if word in SINGULAR or len(word) < 3 or not word.isalpha():
+        return word
+    return _inflect().singular_noun(word) or word
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A phrase read: its core (modifiers + head, head singular), head and the rest after the head."""
+
+    core: tuple[str, ...]
+    rest: tuple[str, ...]
+
+    @property
+    def head(self) -> str:
+        return self.core[-1] if self.core else ""
+
+
+@functools.lru_cache(maxsize=65536)
+def read(phrase: str) -> Reading:
+    """The phrase's core and rest (see the module's docstring)."""
+    words = [w.strip("'") for w in WORD.findall(phrase.lower()) if w.strip("'")]
+    i = 0
+    while True:
+        while i < len(words) and (words[i] in DETERMINERS or words[i].isdigit() or words[i].endswith("'s")):
+            i += 1
+        j = i
+        while j < len(words) and not _ends(words, j):
+            j += 1
+        core = words[i:j]
+        if core and core[-1] in COLLECTIVES and words[j : j + 1] == ["of"] and j + 1 < len(words):
+            i = j + 1
+            continue
+        break
+    if not core:  # "the" alone, "two of them": keep the words there are
+        core, j = words[i:] or words, len(words)
+    core[-1] = singular(core[-1])
+    return Reading(tuple(core), tuple(words[j:]))
+
+
+def _ends(words: list[str], j: int) -> bool:
+    """Whether the noun phrase ends before words[j]: a stop word or punctuation; "and" only before a
+    determiner or a number ("a boy and a girl"), since "a red and white sign" is one sign."""
+    w = words[j]
+    if w in JOINS:
+        nxt = words[j + 1] if j + 1 < len(words) else ""
+        return nxt in DETERMINERS or nxt.isdigit() or not nxt
+    return w in STOPS or not w[0].isalnum()
+
+
+def head_noun(phrase: str) -> str:
+    return read(phrase).head
+
+
+class Classes:
+    """The classes an export files boxes under, and the phrase -> (class, attribute) rule."""
+
+    def __init__(self, spec: list | Mapping | str | None):
+        spec = _load(spec)
+        if isinstance(spec, Mapping):
+            pairs = {
+                str(k): [str(k), *(v if isinstance(v, list | tuple) else [v] if v else [])] for k, v in spec.items()
+            }
+        else:
+            pairs = {str(c): [str(c)] for c in spec or []}
+        self.names = list(dict.fromkeys(" ".join(read(c).core) or c.strip().lower() for c in pairs))
+        self.given = bool(self.names)
+        self._synonyms: dict[tuple[str, ...], str] = {}
+        for (name, synonyms), key in zip(pairs.items(), [" ".join(read(c).core) for c in pairs]):
+            for s in synonyms:
+                core = read(s).core
+                if core and self._synonyms.setdefault(core, key or name) != (key or name):
+                    raise ConfigError(f"classes: {s!r} is a synonym of both {self._synonyms[core]!r} and {key!r}")
+
+    def of(self, phrase: str) -> tuple[str | None, str]:
+        """(class, attribute) of a phrase; class None where no given class takes it."""
+        r = read(phrase)
+        if not self.given:
+            return r.head or None, " ".join([*r.core[:-1], *r.rest])
+        for n in range(len(r.core), 0, -1):  # the longest synonym that ends the core
+            name = self._synonyms.get(r.core[-n:])
+            if name is not None:
+                return name, " ".join([*r.core[:-n], *r.rest])
+        return None, ""
+
+
+def _load(spec):
+    """A list, a mapping, or the path of a YAML file holding either."""
+    if isinstance(spec, str):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"classes={spec!r}: no such file; give a list (classes=[dog,cat]) or a YAML file")
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"classes={spec!r} is not YAML: {e}") from None
+    if spec is not None and not isinstance(spec, list | tuple | Mapping):
+        raise ConfigError(
+            f"classes must be a list, a mapping of class to synonyms, or a YAML file of either; got {spec!r}"
+        )
+    return spec

@@ -1,0 +1,119 @@
+"""The image behind an output row, for the formats that carry images (YOLO, Hugging Face): a file
+linked or copied, or the bytes of a manifest's row or a tar's member.
+
+Rows come in about the order their input gave them (a part holds them as they finished, a batch
+apart), so a manifest or a tar is read forward, once, keeping the last few images it passed; a row
+further back opens the file again. Memory: those few images and one batch of the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.errors import InputError
+from pipeline.sources.webdataset import IMAGE_MEMBERS, member_key, tar_members
+from pipeline.storage.files import filesystem, is_remote, read_bytes
+
+KEEP = 256  # images kept after they were passed, for rows that finished a little out of order
+# Extensions ultralytics and datasets read as images; others are named after the format Pillow finds.
+EXTENSIONS = {"jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"}
+
+
+class SourceImages:
+    """Image files and bytes of output rows by their `source` (see the module's docstring)."""
+
+    def __init__(self, image_column: str = "image"):
+        self.image_column = image_column
+        self._readers: dict[str, _Forward] = {}
+
+    def is_file(self, source: str) -> bool:
+        return "#" not in source.rsplit("/", 1)[-1] or (not is_remote(source) and os.path.isfile(source))
+
+    def data(self, source: str) -> bytes:
+        if self.is_file(source):
+            return read_bytes(source)
+        file, key = source.rsplit("#", 1)
+        reader = self._readers.get(file)
+        if reader is None:
+            reader = self._readers[file] = _Forward(file, self.image_column)
+        return reader.get(key)
+
+    def place(self, source: str, target: Path, link: bool) -> None:
+        """The image at `target`: a hard link (else a symbolic one) to a local file where `link`, else a copy."""
+        if self.is_file(source) and not is_remote(source):
+            path = Path(source.removeprefix("file://")).expanduser().resolve()
+            if link:
+                try:
+                    os.link(path, target)
+                except OSError:  # another file system, or links not allowed
+                    target.symlink_to(path)
+            else:
+                shutil.copyfile(path, target)
+            return
+        target.write_bytes(self.data(source))
+
+
+def extension(source: str, data: bytes | None = None) -> str:
+    """The image's extension as readers expect it: the source's own if they read it, else Pillow's format."""
+    name = source.rsplit("#", 1)[-1] if "#" in source else source
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    if ext in EXTENSIONS:
+        return ext
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else source) as im:
+            found = (im.format or "png").lower()
+    except OSError:
+        found = "png"
+    return {"jpeg": "jpg", "tiff": "tif"}.get(found, found)
+
+
+class _Forward:
+    """One manifest or tar, read forward; the last KEEP images passed are kept."""
+
+    def __init__(self, file: str, image_column: str):
+        self.file, self.image_column = file, image_column
+        self.tar = not file.endswith(".parquet")
+        self.kept: OrderedDict[str, bytes] = OrderedDict()
+        self.items: Iterator[tuple[str, bytes]] | None = None
+
+    def get(self, key: str) -> bytes:
+        if key in self.kept:
+            return self.kept[key]
+        for again in (False, True):
+            if again or self.items is None:
+                self.items = self._tar() if self.tar else self._manifest()
+            for found, data in self.items:
+                self.kept[found] = data
+                if len(self.kept) > KEEP:
+                    self.kept.popitem(last=False)
+                if found == key:
+                    return data
+        raise InputError(f"image {key!r} is no longer in {self.file!r}: was the input changed after the run?")
+
+    def _manifest(self) -> Iterator[tuple[str, bytes]]:
+        fs, path = filesystem(self.file)
+        with pq.ParquetFile(path, filesystem=fs) as pf:
+            row = 0
+            for batch in pf.iter_batches(batch_size=16, columns=[self.image_column]):
+                for value in batch.column(0).to_pylist():
+                    data = value.get("bytes") if isinstance(value, dict) else value
+                    yield str(row), data or b""
+                    row += 1
+
+    def _tar(self) -> Iterator[tuple[str, bytes]]:
+        fs, path = filesystem(self.file)
+        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar_members(tar):
+                if member.isfile():
+                    key, ext = member_key(member)
+                    if ext in IMAGE_MEMBERS:
+                        yield key, tar.extractfile(member).read()
