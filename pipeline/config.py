@@ -399,6 +399,7 @@ class GalleryConfig:
 
     output: OutputConfig = opt(OutputConfig(), "output.dir: the (local) kosmos-annotate output folder to show.")
     gallery: GalleryOptions = opt(GalleryOptions(), "The page.")
+    classes: Any = opt(None, "The plots' classes, as kosmos-labels takes them: a list, a mapping or a YAML file.")
 
     def validate(self) -> None:
         if self.gallery.page_size < 1 or self.gallery.thumb_side < 16:

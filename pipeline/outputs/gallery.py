@@ -5,8 +5,10 @@ Writes `labels/_gallery/index.html`, thumbnails (`thumbs/`), and the rows as Jav
 read in record batches and a page is written as soon as it is full, so a large output never sits in
 memory. Boxes are drawn by the page over the thumbnail, labelled with their phrase and score, so the
 score threshold can hide the doubtful ones; each entity is highlighted in the caption in its box's
-colour, and the phrase filter knows which pages hold each phrase. Filters and page live in the URL
-(`?phrase=a%20cat&score=0.5&page=2`), so a view can be shared.
+colour, and the phrase filter knows which pages hold each phrase. Above the grid, plots show the
+dataset at a glance (overview.py), grouped by the classes of `kosmos-labels` (`classes=`, the same
+rules); a click on a bar shows the images behind it. Filters and page live in the URL
+(`?phrase=a%20cat&score=0.5&page=2`, `?facet=class%3Ddog`), so a view can be shared.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pipeline.annotation.preview import colour, preview_name, write_preview
 from pipeline.cli import command
 from pipeline.config import GalleryConfig, InputConfig
 from pipeline.errors import ConfigError
+from pipeline.outputs.labels.classes import Classes
+from pipeline.outputs.overview import Overview
 from pipeline.records import columns
 from pipeline.storage import layout
 from pipeline.storage.files import Folder, is_remote, read_bytes, write_text
@@ -30,7 +34,7 @@ from pipeline.storage.files import Folder, is_remote, read_bytes, write_text
 log = logging.getLogger("kosmos-gallery")
 GUARDS = InputConfig()  # the default guards against huge images
 PAGE = Path(__file__).with_name("gallery.html")  # the page; the rows come in as pages/*.js
-COLUMNS = columns("id", "source", "width", "height", "caption", "entities", "error")
+COLUMNS = columns("id", "source", "width", "height", "caption", "entities", "error", "caption_logprob", "token_ids")
 
 
 def check(cfg: GalleryConfig) -> None:
@@ -63,8 +67,8 @@ def _thumbnail(folder: Path, row: dict, thumbs: Path, side: int) -> tuple[str | 
     return None, False
 
 
-def _entity(entity: dict, index: int) -> dict:
-    """An entity as the page draws it: span, colour, score, and boxes as [x1, y1, x2, y2, score]."""
+def _entity(entity: dict, index: int, name: str | None) -> dict:
+    """An entity as the page draws it: span, class, colour, score, and boxes as [x1, y1, x2, y2, score]."""
 
     def rounded(v):
         return None if v is None else round(v, 4)
@@ -72,6 +76,7 @@ def _entity(entity: dict, index: int) -> dict:
     boxes = [[rounded(b[k]) for k in ("x1", "y1", "x2", "y2")] + [rounded(b.get("score"))] for b in entity["boxes"]]
     return {
         "phrase": entity["phrase"],
+        "class": name,
         "start": entity["start"],
         "end": entity["end"],
         "colour": _hex(index),
@@ -86,6 +91,9 @@ def write_gallery(cfg: GalleryConfig) -> dict:
     out = folder / layout.GALLERY
     (out / "pages").mkdir(parents=True, exist_ok=True)
     page, pages, rows_seen, phrase_pages = [], 0, 0, {}
+    settings = json.loads((folder / layout.SETTINGS).read_text()) if (folder / layout.SETTINGS).exists() else {}
+    classes = Classes(cfg.classes, exact=settings.get("task.kind") == "ground")
+    overview = Overview()
 
     def flush():
         nonlocal page, pages
@@ -98,7 +106,9 @@ def write_gallery(cfg: GalleryConfig) -> dict:
         with pq.ParquetFile(folder / part) as f:
             for batch in f.iter_batches(columns=COLUMNS, batch_size=256):
                 for row in batch.to_pylist():
-                    entities = [_entity(e, i) for i, e in enumerate(row["entities"] or [])]
+                    names = [classes.of(e["phrase"])[0] for e in row["entities"] or []]
+                    entities = [_entity(e, i, n) for i, (e, n) in enumerate(zip(row["entities"] or [], names))]
+                    facets = overview.add(row, names, pages)
                     for e in entities:
                         phrase_pages.setdefault(e["phrase"].lower(), set()).add(pages)
                     thumb, drawn = (
@@ -115,13 +125,20 @@ def write_gallery(cfg: GalleryConfig) -> dict:
                             "entities": entities,
                             "thumb": thumb,
                             "drawn": drawn,
+                            "facets": facets,
                         }
                     )
                     rows_seen += 1
                     if len(page) >= cfg.gallery.page_size:
                         flush()
     flush()
-    index = {"pages": pages, "rows": rows_seen, "phrases": {p: sorted(v) for p, v in sorted(phrase_pages.items())}}
+    index = {
+        "pages": pages,
+        "rows": rows_seen,
+        "phrases": {p: sorted(v) for p, v in sorted(phrase_pages.items())},
+        "facets": overview.facet_pages(),
+        "plots": overview.plots(),
+    }
     write_text(out / "index.js", f"const GALLERY = {json.dumps(index)};\n")
     write_text(out / "index.html", PAGE.read_text().replace("{{title}}", html.escape(folder.name)))
     return {"rows": rows_seen, "pages": pages, "phrases": len(phrase_pages), "index": str(out / "index.html")}

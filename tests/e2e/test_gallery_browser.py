@@ -124,3 +124,28 @@ def test_boxes_show_their_scores_and_the_threshold_hides_doubtful_ones(scored_ga
     assert dom.count('class="card"') == 1 and "chelsea.png" in dom and "scoring" in dom
     dom, _ = chromium(url + "?phrase=a%20mat&score=0.5", tmp_path, "--dump-dom")
     assert dom.count('class="card"') == 0
+
+
+def test_the_first_page_plots_the_dataset_and_a_bar_shows_its_images(scored_gallery, tmp_path):
+    """Boxes per class (the phrases' head nouns), score and size histograms; a bar's facet in the URL
+    (what a click sets) shows the images behind it."""
+    url = scored_gallery.joinpath("index.html").as_uri()
+    dom, log = chromium(url, tmp_path, "--dump-dom")
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line], log
+    for title in ("Boxes per class", "Box scores", "Entity scores", "Box sizes"):
+        assert title in dom
+    assert 'data-facet="class=cat"' in dom and 'data-facet="class=mat"' in dom
+    assert re.search(r'data-facet="class=cat".*?<span class="n">2</span>', dom)
+    dom, log = chromium(url + "?facet=class%3Dmat", tmp_path, "--dump-dom")
+    assert dom.count('class="card"') == 1 and "chelsea.png" in dom and "1 images" in dom
+    dom, _ = chromium(url + "?facet=box%20score%3D0.6-0.7", tmp_path, "--dump-dom")
+    assert dom.count('class="card"') == 1 and "coffee.png" in dom
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line], log
+
+
+def test_the_plots_group_by_the_classes_given(scored_gallery, tmp_path):
+    out = scored_gallery.parent
+    write_gallery(build(GalleryConfig, {"output.dir": str(out), "classes": {"feline": ["cat"]}}))
+    dom, _ = chromium(scored_gallery.joinpath("index.html").as_uri() + "?facet=class%3Dfeline", tmp_path, "--dump-dom")
+    assert dom.count('class="card"') == 2 and 'data-facet="class=mat"' not in dom
+    write_gallery(build(GalleryConfig, {"output.dir": str(out)}))  # as the other tests expect it

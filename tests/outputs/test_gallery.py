@@ -72,3 +72,27 @@ def test_a_huge_source_image_is_left_without_a_thumbnail(tmp_path):
     assert write_gallery(build(GalleryConfig, {"output.dir": str(out)}))["rows"] == 1
     thumbs = out / "_gallery" / "thumbs"
     assert not thumbs.exists() or not any(thumbs.iterdir())
+
+
+def test_the_overview_counts_each_plot_and_gives_each_row_its_facets():
+    from pipeline.outputs.overview import Overview
+
+    box = {"x1": 0.0, "y1": 0.0, "x2": 0.5, "y2": 0.5, "score": 0.95}
+    row = {
+        "error": None,
+        "entities": [{"phrase": "two dogs", "score": 0.42, "boxes": [box, {**box, "score": 0.15}]}],
+        "caption_logprob": -0.7,
+        "token_ids": [1, 2],
+    }
+    overview = Overview()
+    facets = overview.add(row, ["dog"], page=3)
+    assert facets == sorted(
+        ["class=dog", "box score=0.9-1.0", "box score=0.1-0.2", "entity score=0.4-0.5", "box size=0.5-0.6",
+         "caption score=0.7-0.8"]
+    )  # fmt: skip
+    assert overview.add({"error": "not an image: x.jpg is text", "entities": []}, [], page=4) == ["error=not an image"]
+    plots = {p["title"].split(" (")[0]: p["bars"] for p in overview.plots()}
+    assert plots["Boxes per class"] == [{"label": "dog", "count": 2, "facet": "class=dog"}]
+    assert [b["count"] for b in plots["Box scores"]] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert plots["Errors by kind"] == [{"label": "not an image", "count": 1, "facet": "error=not an image"}]
+    assert overview.facet_pages()["class=dog"] == [3] and overview.facet_pages()["error=not an image"] == [4]

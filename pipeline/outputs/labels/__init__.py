@@ -89,7 +89,7 @@ def export_labels(cfg: LabelsConfig) -> dict:
     _check_dest(cfg, folder)
     settings = json.loads(folder.read_text(SETTINGS)) if folder.exists(SETTINGS) else {}
     dest = Path(cfg.dest).expanduser()
-    labeller = Labeller(Classes(cfg.classes), cfg.min_score, exact=settings.get("task.kind") == "ground")
+    labeller = Labeller(Classes(cfg.classes, exact=settings.get("task.kind") == "ground"), cfg.min_score)
     names = labeller.names(folder)
     images = SourceImages(_image_column(folder))
     if cfg.format == LabelFormat.coco:

@@ -122,9 +122,11 @@ def head_noun(phrase: str) -> str:
 
 
 class Classes:
-    """The classes an export files boxes under, and the phrase -> (class, attribute) rule."""
+    """The classes an export files boxes under, and the phrase -> (class, attribute) rule. `exact`:
+    without classes given, a phrase is its own class (an output of task=ground, whose phrases were given)."""
 
-    def __init__(self, spec: list | Mapping | str | None):
+    def __init__(self, spec: list | Mapping | str | None, exact: bool = False):
+        self.exact = exact
         spec = _load(spec)
         if isinstance(spec, Mapping):
             pairs = {
@@ -143,6 +145,8 @@ class Classes:
 
     def of(self, phrase: str) -> tuple[str | None, str]:
         """(class, attribute) of a phrase; class None where no given class takes it."""
+        if self.exact and not self.given:
+            return " ".join(phrase.lower().split()), ""
         r = read(phrase)
         if not self.given:
             return r.head or None, " ".join([*r.core[:-1], *r.rest])

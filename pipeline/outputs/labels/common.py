@@ -72,12 +72,10 @@ def needed_score(score: float | None, row: dict, option: str) -> float:
 
 
 class Labeller:
-    """Boxes of a row filed under their classes, at least `min_score`; counts what each class took.
+    """Boxes of a row filed under their classes, at least `min_score`; counts what each class took."""
 
-    With `exact` (an output of task=ground, whose phrases were given) a phrase is its own class."""
-
-    def __init__(self, classes: Classes, min_score: float = 0.0, exact: bool = False):
-        self.classes, self.min_score, self.exact = classes, min_score, exact
+    def __init__(self, classes: Classes, min_score: float = 0.0):
+        self.classes, self.min_score = classes, min_score
         self.counts: Counter[str] = Counter()
         self.unmatched: Counter[str] = Counter()  # boxes no class took, by phrase
         self.images = 0
@@ -89,10 +87,7 @@ class Labeller:
         out = []
         for entity in row["entities"] or []:
             phrase = entity["phrase"]
-            if self.exact and not self.classes.given:
-                label, attribute = normalise(phrase), ""
-            else:
-                label, attribute = self.classes.of(phrase)
+            label, attribute = self.classes.of(phrase)
             for b in entity["boxes"]:
                 score = b.get("score")
                 if self.min_score and needed_score(score, row, "min_score") < self.min_score:
