@@ -522,3 +522,19 @@ def test_background_images_are_kept_and_counts_are_reported(labels_dir, tmp_path
     assert "rocket" in caplog.text and "(no class)" in caplog.text
     if counts["unmatched boxes"] > counts["boxes"]:
         assert "the classes took" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["yolo", "hf"])
+def test_an_image_no_longer_there_is_one_clear_error(tmp_path, monkeypatch, fmt):
+    """A relative source read from another folder made dangling links (yolo) and a traceback (hf)."""
+    from pipeline.errors import InputError
+
+    if fmt == "hf":
+        pytest.importorskip("datasets", reason='format=hf needs the hf extra: pip install "kosmos-annotate[hf]"')
+    rows = hostile_rows(EXAMPLES)[-3:]
+    rows[1]["source"] = "photos/gone.png"
+    folder = write_rows(tmp_path / "out", rows)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"'photos/gone.png' is not there \(a path relative to the folder the run ran"):
+        labels(folder, fmt, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

@@ -128,7 +128,7 @@ class Labeller:
     def report(self) -> dict:
         """Boxes per class and those no class took, logged; a warning when the classes took few."""
         took, left = sum(self.counts.values()), sum(self.unmatched.values())
-        width = max((len(n) for n in self.counts), default=5)
+        width = max(len("(no class)"), *(len(n) for n in self.counts))
         for name, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
             log.info("  %-*s %8d boxes", width, name, n)
         log.info("  %-*s %8d boxes", width, "(no class)", left)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.outputs.labels.coco import coco_bbox
 from pipeline.outputs.labels.common import MARKER, Labeller, split_of
 from pipeline.outputs.labels.images import SourceImages
@@ -70,9 +70,12 @@ def write_hf(
 
     with atomic_folder(dest) as out, tempfile.TemporaryDirectory(dir=out, prefix=".cache-") as cache:
         # A fresh cache: from_generator would reuse an older export's rows under the same fingerprint.
-        built = datasets.Dataset.from_generator(
-            examples, features=features, cache_dir=cache, writer_batch_size=WRITER_BATCH, keep_in_memory=False
-        )
+        try:
+            built = datasets.Dataset.from_generator(
+                examples, features=features, cache_dir=cache, writer_batch_size=WRITER_BATCH, keep_in_memory=False
+            )
+        except datasets.exceptions.DatasetGenerationError as e:  # our own error, wrapped
+            raise e.__cause__ if isinstance(e.__cause__, (InputError, ConfigError, OSError)) else e from None
         if split is None:
             saved = built.remove_columns("split")
         else:

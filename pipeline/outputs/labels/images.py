@@ -8,6 +8,7 @@ further back opens the file again. Memory: those few images and one batch of the
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -40,7 +41,10 @@ class SourceImages:
 
     def data(self, source: str) -> bytes:
         if self.is_file(source):
-            return read_bytes(source)
+            try:
+                return read_bytes(source)
+            except FileNotFoundError:
+                raise _missing(source) from None
         file, key = source.rsplit("#", 1)
         reader = self._readers.get(file)
         if reader is None:
@@ -51,15 +55,28 @@ class SourceImages:
         """The image at `target`: a hard link (else a symbolic one) to a local file where `link`, else a copy."""
         if self.is_file(source) and not is_remote(source):
             path = Path(source.removeprefix("file://")).expanduser().resolve()
+            if not path.is_file():
+                raise _missing(source)
             if link:
                 try:
                     os.link(path, target)
-                except OSError:  # another file system, or links not allowed
+                except OSError as e:  # another file system, or hard links not allowed there
+                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
+                        raise
                     target.symlink_to(path)
             else:
                 shutil.copyfile(path, target)
             return
         target.write_bytes(self.data(source))
+
+
+def _missing(source: str) -> InputError:
+    where = (
+        ""
+        if Path(source).is_absolute() or is_remote(source)
+        else (" (a path relative to the folder the run ran in: run kosmos-labels from there)")
+    )
+    return InputError(f"image {source!r} is not there{where}; the export needs every image it lists")
 
 
 def extension(source: str, data: bytes | None = None) -> str:
