@@ -198,7 +198,7 @@ def ordered_map(
 ) -> Iterator[R]:
     """`map(fn, items)` on `threads` threads, in order, with at most `ahead` results waiting. The window
     opens from `threads` items by one per result taken, so the first items are not slowed down by
-    the reading of those behind them (docs/performance.md, "Start-up").
+    the reading of those behind them (docs/performance/defaults.md, "Start-up").
 
     A call still running `timeout` seconds after it started gives `on_timeout(item)` instead; its
     thread is left to it (a daemon, so it never holds the process up) and another takes its place.

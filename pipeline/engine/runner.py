@@ -20,7 +20,7 @@ from pipeline.model.prompt import POOL_PROMPT_TOKENS
 from pipeline.model.runtime import KosmosModel
 
 # Images per graph call: a call's intermediate tensors grow with its images and OpenVINO keeps them at
-# their largest, while per image the calls cost the same (docs/performance.md, "Memory").
+# their largest, while per image the calls cost the same (docs/performance/defaults.md, "Memory").
 IMAGES_PER_CALL = 8
 
 

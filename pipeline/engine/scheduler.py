@@ -19,13 +19,13 @@ def default_batch_size(device: str = "CPU") -> int:
     """Rows that share each decoder step: 32, or 16 on a CPU without AVX-512. A step reads every
     weight once for all its rows, so a row costs less the more rows share it; with AVX2 only a step
     runs at the cores' f32 peak whatever its rows, and 16 rows are as fast as 32 for half the KV
-    cache (docs/performance.md, "Rows per step")."""
+    cache (docs/performance/defaults.md, "Rows per step")."""
     return 16 if device == "CPU" and not cpu_has("avx512f") else 32
 
 
 def admit_at(batch_size: int) -> int:
     """Free rows that make an admission worth its two prefill calls (each reads every weight once):
-    a quarter of the batch (docs/performance.md, "Admission")."""
+    a quarter of the batch (docs/performance/defaults.md, "Admission")."""
     return max(1, batch_size // 4)
 
 

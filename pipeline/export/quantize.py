@@ -18,7 +18,7 @@ CALIBRATION = Path(__file__).resolve().parent / "samples" / "calibration"
 
 def static_decoder_wanted(cfg: ModelConfig) -> bool:
     """Whether this export's text decoder is to be quantised statically on this machine:
-    `model.quantize_text_decoder`, or where it is null, on CPUs with AMX (docs/performance.md)."""
+    `model.quantize_text_decoder`, or where it is null, on CPUs with AMX (docs/performance/defaults.md)."""
     wanted = cfg.quantize_text_decoder
     return cfg.weight_format == WeightFormat.int8 and bool(wanted or (wanted is None and cpu_has("amx_int8")))
 
@@ -88,7 +88,7 @@ def calibration_views() -> list:
 
 def quantize_image_encoder(ov_model, processor):
     """Static int8: the encoder's matrix products take int8 activations at scales fixed by calibration
-    (NNCF, SmoothQuant first, as for transformers), so none are computed per call (docs/performance.md,
+    (NNCF, SmoothQuant first, as for transformers), so none are computed per call (docs/performance/defaults.md,
     "The image encoder"). int8 products sum exactly, so an image's embeddings do not depend on its batch."""
     import nncf
 
@@ -102,7 +102,7 @@ def quantize_text_decoder(ov_model, samples: list[dict]):
     run AMX int8 kernels instead of AVX-512 ones on activations quantised at every call.
 
     The lm_head keeps int8 weights only, its input unquantised: with static scales there too, the
-    first token of sample captions changed (docs/performance.md, "Static int8 text decoder")."""
+    first token of sample captions changed (docs/performance/defaults.md, "Static int8 text decoder")."""
     import nncf
 
     head = nncf.IgnoredScope(names=[logits_matmul(ov_model)])

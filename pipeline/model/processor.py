@@ -2,7 +2,7 @@
 
 A run needs three things of the processor: prompt ids (with the image placeholders), pixel values and
 decoded text. Loading transformers' `Kosmos2Processor` for them would import torch, seconds of start-up
-and hundreds of MB (docs/performance.md, "Start-up"). This does the same from the files the export
+and hundreds of MB (docs/performance/defaults.md, "Start-up"). This does the same from the files the export
 saved beside the graphs (`tokenizer.json`, `tokenizer_config.json`, `processor_config.json`), step for
 step as transformers 5 does; tests/model/test_processor.py holds each result to transformers' own.
 """

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def num_requests(cfg: EngineConfig) -> int:
     """Decoders side by side: one unless told. A stream reads all decoder weights at every step, so
-    one stream with every core beats several (docs/performance.md, "Streams")."""
+    one stream with every core beats several (docs/performance/defaults.md, "Streams")."""
     return cfg.num_requests or 1
 
 

@@ -12,7 +12,7 @@ A class given as a list matches the phrases whose core is the class or ends with
 synonyms, read the same way ({person: [a man, a woman, people]}); the longest match wins. With no
 classes, a phrase's class is its head noun.
 
-Singular forms come from `inflect` (imported on first use: about 3 s, see docs/performance.md),
+Singular forms come from `inflect` (imported on first use: about 3 s, see docs/performance/defaults.md),
 less the words it gets wrong for our use: nouns ending in -s that are singular ("bus", "lens") and
 plurals that name one thing ("jeans", "glasses").
 """
