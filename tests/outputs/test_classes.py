@@ -56,6 +56,12 @@ TABLE = {
     "the giraffes near the trees": ("giraffe", "near the trees"),
     "the sky": ("sky", ""),
     "a dog, a cat": ("dog", ", a cat"),
+    "two t-shirts": ("t-shirt", ""),
+    "": (None, ""),
+    "the": (None, ""),
+    "two of them": (None, ""),
+    "the one on the left": (None, ""),
+    "<patch_index_0044><patch_index_0863>": (None, ""),
 }
 
 
@@ -96,6 +102,13 @@ def test_classes_from_a_yaml_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("42\n")
     with pytest.raises(ConfigError, match="must be a list, a mapping"):
         Classes(str(tmp_path / "bad.yaml"))
+
+
+def test_empty_classes_and_synonyms_are_refused():
+    with pytest.raises(ConfigError, match="empty synonym"):
+        Classes({"person": [None]})
+    with pytest.raises(ConfigError, match="empty class"):
+        Classes(["dog", None])
 
 
 def test_one_synonym_for_two_classes_is_refused():

@@ -478,16 +478,24 @@ def test_grit_rows_span_their_caption(labels_dir, tmp_path):
         assert len(row["ref_exps"]) == len(row["noun_chunks"]) == len(entities)
         for ref, chunk, entity in zip(row["ref_exps"], row["noun_chunks"], entities):
             assert row["caption"][int(ref[0]) : int(ref[1])] == entity["phrase"]
-            assert ref[0] == chunk[0] < chunk[1] <= ref[1] and ref[2:] == chunk[2:]
+            assert ref[0] == chunk[0] <= chunk[1] <= ref[1] and ref[2:] == chunk[2:]
             assert all(0 <= v <= 1 for v in ref[2:6]) and ref[2] <= ref[4] and ref[3] <= ref[5]
 
 
 def test_grit_noun_chunks_end_at_the_head_noun():
-    from pipeline.outputs.labels.grit import _chunk_length
+    from pipeline.outputs.labels.common import Box
+    from pipeline.outputs.labels.grit import _chunk_end
 
-    assert _chunk_length("a man in a red shirt") == len("a man")
-    assert _chunk_length("A brown dog") == len("A brown dog")
-    assert _chunk_length("two dogs playing on the grass") == len("two dogs")
+    def chunk(phrase, at=10):
+        return _chunk_end(Box("x", 0, 0, 1, 1, 0.5, phrase, "", at, at + len(phrase))) - at
+
+    assert chunk("a man in a red shirt") == len("a man")
+    assert chunk("A brown dog") == len("A brown dog")
+    assert chunk("two dogs playing on the grass") == len("two dogs")
+    assert chunk("the ingredients in a bowl") == len("the ingredients")  # not at the "in" of "ingredients"
+    assert chunk("an onion on a plate") == len("an onion")
+    assert chunk("a dog, running") == len("a dog")
+    assert _chunk_end(Box("x", 0, 0, 1, 1, 0.5, "", "", 7, 7)) == 7  # no phrase: an empty span
 
 
 def test_voc_xml_parses_back(labels_dir, tmp_path):
@@ -538,3 +546,83 @@ def test_an_image_no_longer_there_is_one_clear_error(tmp_path, monkeypatch, fmt)
     with pytest.raises(InputError, match=r"'photos/gone.png' is not there \(a path relative to the folder the run ran"):
         labels(folder, fmt, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_images_come_from_manifests_tars_and_odd_files(tmp_path):
+    """A manifest's bytes, a tar's samples (keys in folders; of a jpeg and a png member the jpeg, as a
+    run takes them: jpg, jpeg, png, webp), a GIF (re-encoded as PNG, which ultralytics reads), and an
+    id under an `images/` folder (ultralytics swaps the last `/images/` of a path for `/labels/`)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def png(colour, kind="PNG"):
+        out = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(out, kind)
+        return out.getvalue()
+
+    pq.write_table(pa.table({"image": [png("red"), png("green")]}), tmp_path / "m.parquet")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for name, data in [("dir/0001.jpeg", png("blue", "JPEG")), ("dir/0001.png", png("white")),
+                           ("dir/0002.png", png("black"))]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "photos" / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "yellow").save(tmp_path / "photos" / "images" / "a.gif")
+    box = {"x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": 0.9}
+    sources = {
+        "m.parquet#1": str(tmp_path / "m.parquet#1"),
+        "dir/0001": str(tmp_path / "shard.tar#dir/0001"),
+        "dir/0002": str(tmp_path / "shard.tar#dir/0002"),
+        "images/a.gif": str(tmp_path / "photos" / "images" / "a.gif"),
+    }
+    rows = [
+        {"id": i, "source": s, "width": 40, "height": 30, "prompt": "p", "caption": "a cat", "token_ids": [1],
+         "entities": [{"phrase": "a cat", "start": 0, "end": 5, "score": 0.9, "boxes": [box]}], "error": None}
+        for i, s in sources.items()
+    ]  # fmt: skip
+    folder = write_rows(tmp_path / "out", rows)
+    dest = tmp_path / "yolo"
+    assert labels(folder, "yolo", dest)["images"] == 4
+    table = [line.split("\t") for line in (dest / "ids.tsv").read_text().splitlines()[1:]]
+    got = {i: Image.open(dest / image).convert("RGB").getpixel((0, 0)) for _, image, i, _ in table}
+    assert got["m.parquet#1"] == (0, 128, 0) and got["dir/0002"] == (0, 0, 0)
+    assert max(abs(a - b) for a, b in zip(got["dir/0001"], (0, 0, 255))) < 8  # the jpeg member, not the png
+    assert got["images/a.gif"] == (255, 255, 0) and Image.open(dest / table[3][1]).format == "PNG"
+    for label, image, _, _ in table:  # ultralytics' rule finds every label
+        assert Path(str(dest / image).replace("/images/", "/labels/")).with_suffix(".txt") == dest / label
+
+    datasets = pytest.importorskip("datasets", reason='format=hf needs the hf extra: pip install "kosmos-annotate[hf]"')
+    labels(folder, "hf", tmp_path / "hf")
+    pixels = {
+        e["id"]: e["image"].convert("RGB").getpixel((0, 0)) for e in datasets.load_from_disk(str(tmp_path / "hf"))
+    }
+    assert pixels["m.parquet#1"] == (0, 128, 0) and pixels["dir/0002"] == (0, 0, 0) and len(pixels) == 4
+
+
+def test_small_splits_and_empty_outputs_still_give_a_dataset(tmp_path, caplog):
+    rows = hostile_rows(EXAMPLES)[-1:]
+    folder = write_rows(tmp_path / "out", rows)
+    with caplog.at_level("WARNING", logger="kosmos-labels"):
+        labels(folder, "yolo", tmp_path / "yolo", split=0.5)
+    assert (tmp_path / "yolo" / "images" / "train").is_dir() and (tmp_path / "yolo" / "images" / "val").is_dir()
+    assert "put no image in" in caplog.text
+    datasets = pytest.importorskip("datasets", reason='format=hf needs the hf extra: pip install "kosmos-annotate[hf]"')
+    from pipeline.errors import InputError
+
+    assert datasets
+    errors = write_rows(tmp_path / "errors", [{**rows[0], "error": "not an image: x", "width": None}])
+    assert labels(errors, "coco", tmp_path / "c.json")["images"] == 0  # an empty COCO file
+    with pytest.raises(InputError, match="holds no annotated image"):
+        labels(errors, "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_folder_format_refuses_a_file_dest(tmp_path):
+    folder = write_rows(tmp_path / "out", hostile_rows(EXAMPLES)[-1:])
+    (tmp_path / "coco.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a file"):
+        labels(folder, "yolo", tmp_path / "coco.json")
+    assert (tmp_path / "coco.json").read_text() == "{}"

@@ -67,6 +67,10 @@ def _check_dest(cfg: LabelsConfig, folder: Folder) -> None:
                 f"dest={cfg.dest!r} holds files kosmos-labels did not write, and the {cfg.format} folder replaces "
                 "dest whole: name an empty or new folder, or remove this one first"
             )
+        if dest.exists() and not dest.is_dir():
+            raise ConfigError(
+                f"dest={cfg.dest!r} is a file; format={cfg.format} writes a folder, e.g. dest={cfg.format}/"
+            )
     elif dest.is_dir():
         raise ConfigError(
             f"dest={cfg.dest!r} is a folder; format={cfg.format} writes a file, e.g. dest={dest / 'labels'}"
@@ -82,6 +86,34 @@ def _image_column(folder: Folder) -> str:
     return "image"
 
 
+def _write(
+    cfg: LabelsConfig,
+    folder: Folder,
+    dest: Path,
+    names: list[str],
+    labeller: Labeller,
+    settings: dict,
+    images: SourceImages,
+) -> dict:
+    """The format's writer, its counts."""
+    if cfg.format == LabelFormat.coco:
+        return write_coco(folder, dest, names, labeller)
+    elif cfg.format == LabelFormat.coco_results:
+        return write_coco_results(folder, dest, names, labeller)
+    elif cfg.format == LabelFormat.labelstudio:
+        version = f"kosmos-2 {settings.get('model.source', '')} {settings.get('model.weight_format', '')}".strip()
+        return write_labelstudio(folder, dest, names, labeller, version, cfg.labelstudio)
+    elif cfg.format == LabelFormat.yolo:
+        link = cfg.yolo.images == ImageCopy.link
+        return write_yolo(folder, dest.resolve(), names, labeller, cfg.yolo.confidence, link, cfg.split, images)
+    elif cfg.format == LabelFormat.hf:
+        return write_hf(folder, dest.resolve(), names, labeller, cfg.split, images)
+    elif cfg.format == LabelFormat.grit:
+        return write_grit(folder, dest, labeller)
+    else:
+        return write_voc(folder, dest.resolve(), names, labeller)
+
+
 def export_labels(cfg: LabelsConfig) -> dict:
     """Writes the export; returns its counts, with the boxes each class took under "classes"."""
     cfg.validate()
@@ -92,22 +124,10 @@ def export_labels(cfg: LabelsConfig) -> dict:
     labeller = Labeller(Classes(cfg.classes, exact=settings.get("task.kind") == "ground"), cfg.min_score)
     names = labeller.names(folder)
     images = SourceImages(_image_column(folder))
-    if cfg.format == LabelFormat.coco:
-        counts = write_coco(folder, dest, names, labeller)
-    elif cfg.format == LabelFormat.coco_results:
-        counts = write_coco_results(folder, dest, names, labeller)
-    elif cfg.format == LabelFormat.labelstudio:
-        version = f"kosmos-2 {settings.get('model.source', '')} {settings.get('model.weight_format', '')}".strip()
-        counts = write_labelstudio(folder, dest, names, labeller, version, cfg.labelstudio)
-    elif cfg.format == LabelFormat.yolo:
-        link = cfg.yolo.images == ImageCopy.link
-        counts = write_yolo(folder, dest.resolve(), names, labeller, cfg.yolo.confidence, link, cfg.split, images)
-    elif cfg.format == LabelFormat.hf:
-        counts = write_hf(folder, dest.resolve(), names, labeller, cfg.split, images)
-    elif cfg.format == LabelFormat.grit:
-        counts = write_grit(folder, dest, labeller)
-    else:
-        counts = write_voc(folder, dest.resolve(), names, labeller)
+    try:
+        counts = _write(cfg, folder, dest, names, labeller, settings, images)
+    finally:
+        images.close()
     return {**counts, **labeller.report(), "classes": dict(labeller.counts)}
 
 

@@ -55,6 +55,8 @@ SINGULAR = frozenset(
     "jeans pants shorts trousers glasses sunglasses eyeglasses goggles scissors clothes tongs pliers "
     "headphones earphones binoculars pajamas overalls leggings tights news series species".split()
 )
+# Words that stand for a noun without naming one: no class.
+PRONOUNS = frozenset("it them they he she him her one ones this that these those itself themselves left right".split())
 WORD = re.compile(r"[\w'-]+|[,;:]")
 JOINS = frozenset({"and", "or", "&"})  # end the phrase before a determiner ("a boy and a girl"), else join modifiers
 
@@ -68,9 +70,11 @@ def _inflect():
 
 @functools.cache
 def singular(word: str) -> str:
-    if word in SINGULAR or len(word) < 3 or not word.isalpha():
+    """`dogs` -> `dog`, `t-shirts` -> `t-shirt` (the last part of a hyphenated word)."""
+    first, hyphen, last = word.rpartition("-")
+    if word in SINGULAR or last in SINGULAR or len(last) < 3 or not last.isalpha():
         return word
-    return _inflect().singular_noun(word) or word
+    return first + hyphen + (_inflect().singular_noun(last) or last)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Reading:
 
     core: tuple[str, ...]
     rest: tuple[str, ...]
+    head_end: int = 0  # characters of the phrase up to the end of its head noun as written
 
     @property
     def head(self) -> str:
@@ -87,8 +92,11 @@ class Reading:
 
 @functools.lru_cache(maxsize=65536)
 def read(phrase: str) -> Reading:
-    """The phrase's core and rest (see the module's docstring)."""
-    words = [w.strip("'") for w in WORD.findall(phrase.lower()) if w.strip("'")]
+    """The phrase's core and rest (see the module's docstring). A phrase with no noun of its own (empty,
+    "the", "two of them", "the one on the left", Kosmos-2's location tokens alone) has no core."""
+    found = [(m.group().lower().strip("'"), m.end()) for m in WORD.finditer(phrase)]
+    found = [(w, end) for w, end in found if w and "patch_index" not in w]
+    words = [w for w, _ in found]
     i = 0
     while True:
         while i < len(words) and (words[i] in DETERMINERS or words[i].isdigit() or words[i].endswith("'s")):
@@ -101,10 +109,10 @@ def read(phrase: str) -> Reading:
             i = j + 1
             continue
         break
-    if not core:  # "the" alone, "two of them": keep the words there are
-        core, j = words[i:] or words, len(words)
+    if not core or core[-1] in PRONOUNS or not any(c.isalpha() for c in core[-1]):
+        return Reading((), tuple(words))
     core[-1] = singular(core[-1])
-    return Reading(tuple(core), tuple(words[j:]))
+    return Reading(tuple(core), tuple(words[j:]), found[j - 1][1])
 
 
 def _ends(words: list[str], j: int) -> bool:
@@ -132,7 +140,12 @@ class Classes:
             pairs = {
                 str(k): [str(k), *(v if isinstance(v, list | tuple) else [v] if v else [])] for k, v in spec.items()
             }
+            bad = [(k, v) for k, vs in pairs.items() for v in vs if v is None or not str(v).strip()]
+            if bad:
+                raise ConfigError(f"classes: class {bad[0][0]!r} has an empty synonym; give each as text")
         else:
+            if any(c is None or not str(c).strip() for c in spec or []):
+                raise ConfigError(f"classes={list(spec)!r} holds an empty class; give each as text")
             pairs = {str(c): [str(c)] for c in spec or []}
         self.names = list(dict.fromkeys(" ".join(read(c).core) or c.strip().lower() for c in pairs))
         self.given = bool(self.names)
@@ -146,10 +159,12 @@ class Classes:
     def of(self, phrase: str) -> tuple[str | None, str]:
         """(class, attribute) of a phrase; class None where no given class takes it."""
         if self.exact and not self.given:
-            return " ".join(phrase.lower().split()), ""
+            return " ".join(phrase.lower().split()) or None, ""
         r = read(phrase)
+        if not r.core:
+            return None, ""
         if not self.given:
-            return r.head or None, " ".join([*r.core[:-1], *r.rest])
+            return r.head, " ".join([*r.core[:-1], *r.rest])
         for n in range(len(r.core), 0, -1):  # the longest synonym that ends the core
             name = self._synonyms.get(r.core[-n:])
             if name is not None:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.outputs.labels.common import Box, Labeller, needed_score, rows, usable
+from pipeline.outputs.labels.common import Box, Labeller, needed_score
 from pipeline.storage.files import Folder, atomic
 
 
@@ -28,7 +28,7 @@ def write_coco(folder: Folder, dest: Path, names: list[str], labeller: Labeller)
     counts = {"images": 0, "annotations": 0}
     with atomic(dest) as f:
         f.write('{"info": {"description": "kosmos-annotate grounded boxes"}, "licenses": [], "images": [')
-        for image_id, row in enumerate((r for r in rows(folder) if usable(r)), start=1):
+        for image_id, row in enumerate(labeller.rows(folder), start=1):
             entry = {"id": image_id, "file_name": row["id"], "width": row["width"], "height": row["height"]}
             f.write(("," if counts["images"] else "") + json.dumps(entry))
             counts["images"] += 1

@@ -41,9 +41,9 @@ def normalise(phrase: str) -> str:
     return " ".join(phrase.lower().split())
 
 
-def rows(folder: Folder) -> Iterator[dict]:
-    """Every row of the committed parts, in record batches."""
-    for part in committed_parts(folder):
+def rows(folder: Folder, parts: list[str] | None = None) -> Iterator[dict]:
+    """Every row of the committed parts (those given, else those there now), in record batches."""
+    for part in committed_parts(folder) if parts is None else parts:
         with pq.ParquetFile(folder.open(part)) as f:
             for batch in f.iter_batches(columns=COLUMNS, batch_size=1024):
                 yield from batch.to_pylist()
@@ -79,6 +79,13 @@ class Labeller:
         self.counts: Counter[str] = Counter()
         self.unmatched: Counter[str] = Counter()  # boxes no class took, by phrase
         self.images = 0
+        self.parts: list[str] | None = None  # the parts of the first pass, read again by the others
+
+    def rows(self, folder: Folder) -> Iterator[dict]:
+        """The annotated images, from the same parts each pass (a run still writing adds parts between them)."""
+        if self.parts is None:
+            self.parts = committed_parts(folder)
+        return (row for row in rows(folder, self.parts) if usable(row))
 
     def boxes(self, row: dict, count: bool = True) -> list[Box]:
         """The row's boxes that a class takes, clipped to the image and ordered (Kosmos-2 may give a
@@ -111,24 +118,22 @@ class Labeller:
 
     def labelled(self, folder: Folder) -> Iterator[tuple[dict, list[Box]]]:
         """(row, boxes) of each annotated image, counted."""
-        for row in rows(folder):
-            if usable(row):
-                yield row, self.boxes(row)
+        for row in self.rows(folder):
+            yield row, self.boxes(row)
 
     def names(self, folder: Folder) -> list[str]:
         """The classes given, in their order; else every class found (a first pass), sorted."""
         if self.classes.given:
             return self.classes.names
         found = set()
-        for row in rows(folder):
-            if usable(row):
-                found.update(b.label for b in self.boxes(row, count=False))
+        for row in self.rows(folder):
+            found.update(b.label for b in self.boxes(row, count=False))
         return sorted(found)
 
     def report(self) -> dict:
         """Boxes per class and those no class took, logged; a warning when the classes took few."""
         took, left = sum(self.counts.values()), sum(self.unmatched.values())
-        width = max(len("(no class)"), *(len(n) for n in self.counts))
+        width = max([len("(no class)"), *(len(n) for n in self.counts)])
         for name, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
             log.info("  %-*s %8d boxes", width, name, n)
         log.info("  %-*s %8d boxes", width, "(no class)", left)

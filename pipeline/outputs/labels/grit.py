@@ -54,7 +54,7 @@ def write_grit(folder: Folder, dest: Path, labeller: Labeller) -> dict:
                 ]
                 score = b.score if b.score is not None else float("nan")
                 refs.append([b.start, b.end, *corners, score])
-                chunks.append([b.start, b.start + _chunk_length(b.phrase), *corners, score])
+                chunks.append([b.start, _chunk_end(b), *corners, score])
             batch.append(
                 {
                     "key": f"{counts['rows']:09d}",
@@ -78,13 +78,9 @@ def write_grit(folder: Folder, dest: Path, labeller: Labeller) -> dict:
     return counts
 
 
-def _chunk_length(phrase: str) -> int:
-    """Characters of `phrase` up to the end of its head noun as written ("a man" of "a man in a red shirt")."""
-    reading = read(phrase)
-    if not reading.rest:
-        return len(phrase.rstrip())
-    lower, at = phrase.lower(), 0
-    for word in reading.core[:-1]:
-        at = lower.find(word, at) + len(word)
-    head_end = lower.find(" " + reading.rest[0], at)
-    return head_end if head_end > 0 else len(phrase.rstrip())
+def _chunk_end(box) -> int:
+    """Where the box's noun chunk ends: at the phrase's head noun as written ("a man" of "a man in a
+    red shirt"), within the phrase's span (an entity without a phrase has an empty span)."""
+    reading = read(box.phrase)
+    length = reading.head_end if reading.core else len(box.phrase.rstrip())
+    return min(box.start + length, box.end)

@@ -76,6 +76,13 @@ def write_hf(
             )
         except datasets.exceptions.DatasetGenerationError as e:  # our own error, wrapped
             raise e.__cause__ if isinstance(e.__cause__, (InputError, ConfigError, OSError)) else e from None
+        except ValueError:  # "corresponds to no data": datasets makes no dataset of no rows
+            if counts["images"]:
+                raise
+            raise InputError(
+                f"output.dir={str(folder.root)!r} holds no annotated image (every row is an error): "
+                "a Hugging Face dataset needs one"
+            ) from None
         if split is None:
             saved = built.remove_columns("split")
         else:

@@ -3,7 +3,9 @@ linked or copied, or the bytes of a manifest's row or a tar's member.
 
 Rows come in about the order their input gave them (a part holds them as they finished, a batch
 apart), so a manifest or a tar is read forward, once, keeping the last few images it passed; a row
-further back opens the file again. Memory: those few images and one batch of the manifest.
+further back opens the file again. Two files are open at most (rows of neighbouring tars meet at
+their boundary); the one used least recently is closed. Memory: those few images and one batch of
+the manifest.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import shutil
 import tarfile
 from collections import OrderedDict
@@ -25,6 +28,9 @@ from pipeline.sources.webdataset import IMAGE_MEMBERS, member_key, tar_members
 from pipeline.storage.files import filesystem, is_remote, read_bytes
 
 KEEP = 256  # images kept after they were passed, for rows that finished a little out of order
+OPEN = 2  # manifests or tars read at once
+# `<manifest>#<row>` or `<tar>#<sample key>` (a key may hold `/` and `#`): the first `#` after a container's name
+ARCHIVE = re.compile(r"^(.*?\.(?:parquet|tar|tar\.gz|tgz|tar\.bz2|tar\.xz)(?:\?[^#]*)?)#(.*)$", re.IGNORECASE)
 # Extensions ultralytics and datasets read as images; others are named after the format Pillow finds.
 EXTENSIONS = {"jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"}
 
@@ -34,10 +40,13 @@ class SourceImages:
 
     def __init__(self, image_column: str = "image"):
         self.image_column = image_column
-        self._readers: dict[str, _Forward] = {}
+        self._readers: OrderedDict[str, _Forward] = OrderedDict()
 
     def is_file(self, source: str) -> bool:
-        return "#" not in source.rsplit("/", 1)[-1] or (not is_remote(source) and os.path.isfile(source))
+        """Whether the source is an image file of its own, not a row of a manifest or a tar's sample."""
+        if not is_remote(source) and os.path.isfile(os.path.expanduser(source.removeprefix("file://"))):
+            return True
+        return ARCHIVE.match(source) is None
 
     def data(self, source: str) -> bytes:
         if self.is_file(source):
@@ -45,11 +54,29 @@ class SourceImages:
                 return read_bytes(source)
             except FileNotFoundError:
                 raise _missing(source) from None
-        file, key = source.rsplit("#", 1)
-        reader = self._readers.get(file)
-        if reader is None:
-            reader = self._readers[file] = _Forward(file, self.image_column)
+        file, key = ARCHIVE.match(source).groups()
+        reader = self._readers.pop(file, None) or _Forward(file, self.image_column)
+        self._readers[file] = reader  # the most recent last
+        while len(self._readers) > OPEN:
+            self._readers.popitem(last=False)[1].close()
         return reader.get(key)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def for_training(self, source: str) -> tuple[str, bytes | None]:
+        """(extension, bytes to write or None to link or copy the file): formats a trainer reads as
+        they are; others (gif) re-encoded as PNG, which ultralytics takes where it takes no GIF."""
+        data = None if self.is_file(source) else self.data(source)
+        ext = extension(source, data)
+        if ext in EXTENSIONS:
+            return ext, data
+        with Image.open(io.BytesIO(data if data is not None else self.data(source))) as im:
+            out = io.BytesIO()
+            im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB").save(out, "PNG")
+        return "png", out.getvalue()
 
     def place(self, source: str, target: Path, link: bool) -> None:
         """The image at `target`: a hard link (else a symbolic one) to a local file where `link`, else a copy."""
@@ -98,15 +125,22 @@ class _Forward:
 
     def __init__(self, file: str, image_column: str):
         self.file, self.image_column = file, image_column
-        self.tar = not file.endswith(".parquet")
+        self.tar = not file.split("?")[0].lower().endswith(".parquet")
         self.kept: OrderedDict[str, bytes] = OrderedDict()
         self.items: Iterator[tuple[str, bytes]] | None = None
+
+    def close(self) -> None:
+        if self.items is not None:
+            self.items.close()  # closes the file the generator holds open
+        self.kept.clear()
 
     def get(self, key: str) -> bytes:
         if key in self.kept:
             return self.kept[key]
         for again in (False, True):
             if again or self.items is None:
+                if self.items is not None:
+                    self.items.close()
                 self.items = self._tar() if self.tar else self._manifest()
             for found, data in self.items:
                 self.kept[found] = data
@@ -127,10 +161,19 @@ class _Forward:
                     row += 1
 
     def _tar(self) -> Iterator[tuple[str, bytes]]:
+        """Each sample's image: of several image members, the one a run takes (IMAGE_MEMBERS' order)."""
         fs, path = filesystem(self.file)
+        key, images = None, {}
         with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar_members(tar):
-                if member.isfile():
-                    key, ext = member_key(member)
-                    if ext in IMAGE_MEMBERS:
-                        yield key, tar.extractfile(member).read()
+                if not member.isfile():
+                    continue
+                found, ext = member_key(member)
+                if found != key and images:
+                    yield key, next(images[e] for e in IMAGE_MEMBERS if e in images)
+                    images = {}
+                key = found
+                if ext in IMAGE_MEMBERS:
+                    images[ext] = tar.extractfile(member).read()
+            if images:
+                yield key, next(images[e] for e in IMAGE_MEMBERS if e in images)

@@ -40,8 +40,6 @@ def write_labelstudio(
     carries its box's score and the phrase in its `meta`; each prediction the mean of its regions'
     scores, which Label Studio sorts and filters tasks by. Beside `dest`, `<dest>.xml`: the project's
     labelling config, listing the classes."""
-    with atomic(dest.with_name(dest.name + ".xml")) as f:
-        f.write(label_config(names))
     counts = {"tasks": 0, "regions": 0}
     if not (options.document_root or options.url_prefix):
         log.warning(
@@ -84,6 +82,8 @@ def write_labelstudio(
             counts["tasks"] += 1
             counts["regions"] += len(result)
         f.write("]")
+    with atomic(dest.with_name(dest.name + ".xml")) as f:  # after the tasks: never beside tasks it does not fit
+        f.write(label_config(names))
     return counts
 
 

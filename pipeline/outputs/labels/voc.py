@@ -16,7 +16,6 @@ def write_voc(folder: Folder, dest: Path, names: list[str], labeller: Labeller) 
     Corners are VOC's 1-based pixels; each object keeps its score and phrase, and `filename` is the
     image's id. Written whole: a killed export leaves no folder."""
     counts = {"images": 0, "objects": 0}
-    used: set[str] = set()
     with atomic_folder(dest) as out:
         (out / MARKER).write_text("written by kosmos-labels format=voc; replaced whole by the next export\n")
         (out / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "".join(f"{n}:::\n" for n in names))
@@ -24,7 +23,7 @@ def write_voc(folder: Folder, dest: Path, names: list[str], labeller: Labeller) 
         sets.mkdir(parents=True)
         with open(sets / "default.txt", "w") as listing:
             for row, boxes in labeller.labelled(folder):
-                stem = image_stem(safe_relative(row["id"]), used)
+                stem = image_stem(safe_relative(row["id"]), lambda s: (out / "Annotations" / f"{s}.xml").exists())
                 target = out / "Annotations" / f"{stem}.xml"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 ET.ElementTree(_annotation(row, boxes)).write(target, encoding="utf-8", xml_declaration=True)
@@ -64,4 +63,4 @@ def _annotation(row: dict, boxes) -> ET.Element:
 
 def _xml_text(text: str) -> str:
     """Text XML 1.0 can hold: other control characters (an id may have any) as U+FFFD."""
-    return "".join("\ufffd" if ord(c) < 32 and c not in "\t\n" else c for c in text)
+    return "".join("\ufffd" if (ord(c) < 32 and c not in "\t\n") or c in "\ufffe\uffff" else c for c in text)

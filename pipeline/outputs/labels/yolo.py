@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import logging
+from collections.abc import Callable
 from itertools import chain, count
 from pathlib import Path, PurePosixPath
 
 import yaml
 
 from pipeline.outputs.labels.common import MARKER, Labeller, needed_score, split_of
-from pipeline.outputs.labels.images import SourceImages, extension
+from pipeline.outputs.labels.images import SourceImages
 from pipeline.storage.files import Folder, atomic_folder, safe_relative
+
+log = logging.getLogger("kosmos-labels")
 
 
 def write_yolo(
@@ -28,14 +32,16 @@ def write_yolo(
     ultralytics counts as background), `data.yaml` (the path, the splits, the class names) and `ids.tsv`
     (label file, id, source; tab-separated, quoted where a field holds a tab, a line break or a quote).
 
-    Files are named after the id made safe (storage.files.safe_relative: never outside the folder);
-    ids that would share one (`a.jpg`, `a.png`) keep their extension in the name (`a.png.png`), then
+    Files are named after the id made safe (storage.files.safe_relative: never outside the folder; a
+    folder named `images` or `labels` in an id is `images_`, since ultralytics finds a label by
+    replacing the last `/images/` of an image's path); ids that would share one (`a.jpg`, `a.png`)
+    keep their extension in the name (`a.png.png`), then
     a counter: every image gets its own pair. The folder is written whole and replaces an older export
     under `dest` (one holding MARKER: the labels command refuses any other non-empty folder); a
     killed export leaves none."""
     ids = {name: i for i, name in enumerate(names)}
     counts = {"images": 0, "boxes": 0}
-    used: set[str] = set()
+    per_split: dict[str, int] = {}
     with atomic_folder(dest) as out:
         (out / MARKER).write_text("written by kosmos-labels format=yolo; replaced whole by the next export\n")
         with open(out / "ids.tsv", "w", newline="") as f:
@@ -51,10 +57,13 @@ def write_yolo(
                     for b in boxes
                 ]
                 part = split_of(row["id"], split)
-                stem = image_stem(safe_relative(row["id"]), used)
-                data = None if images.is_file(row["source"]) else images.data(row["source"])
+                name = "/".join(
+                    p + "_" if p in ("images", "labels") else p for p in safe_relative(row["id"]).split("/")
+                )
+                stem = image_stem(name, lambda s, part=part: (out / "labels" / part / f"{s}.txt").exists())
+                ext, data = images.for_training(row["source"])
                 label = PurePosixPath("labels", part, stem + ".txt").as_posix()
-                image = PurePosixPath("images", part, f"{stem}.{extension(row['source'], data)}").as_posix()
+                image = PurePosixPath("images", part, f"{stem}.{ext}").as_posix()
                 for name in (label, image):
                     (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / label).write_text("".join(lines))
@@ -66,6 +75,18 @@ def write_yolo(
                 (quoted if any("\r" in field for field in fields) else mapping).writerow(fields)
                 counts["images"] += 1
                 counts["boxes"] += len(lines)
+                per_split[part] = per_split.get(part, 0) + 1
+        if split is not None:
+            for part in ("train", "val"):
+                (out / "images" / part).mkdir(parents=True, exist_ok=True)
+                (out / "labels" / part).mkdir(parents=True, exist_ok=True)
+                if not per_split.get(part):
+                    log.warning(
+                        "split=%s put no image in %s (%d images in all): use more images or no split",
+                        split,
+                        part,
+                        counts["images"],
+                    )
         train, val = ("images/train", "images/val") if split is not None else ("images", "images")
         data_yaml = {"path": str(dest.resolve()), "train": train, "val": val, "names": dict(enumerate(names))}
         (out / "data.yaml").write_text(yaml.safe_dump(data_yaml, sort_keys=False, allow_unicode=True))
@@ -73,10 +94,9 @@ def write_yolo(
     return counts
 
 
-def image_stem(name: str, used: set[str]) -> str:
-    """The first free stem of `a`, `a.jpg`, `a.jpg.1`, ... for `a.jpg` (`used` is updated). Stems are
-    compared case-folded: two ids differing in case only must not share a file on a case-blind disk."""
+def image_stem(name: str, taken: Callable[[str], bool]) -> str:
+    """The first stem not `taken` (a file of that name already written) of `a`, `a.jpg`, `a.jpg.1`, ...
+    for `a.jpg`: read from the disk, so no name is held in memory (a case-blind disk counts `A` and
+    `a` as one)."""
     stem = PurePosixPath(name).with_suffix("").as_posix() if PurePosixPath(name).suffix else name
-    found = next(n for n in chain([stem, name], (f"{name}.{k}" for k in count(1))) if n.casefold() not in used)
-    used.add(found.casefold())
-    return found
+    return next(n for n in chain([stem, name], (f"{name}.{k}" for k in count(1))) if not taken(n))
