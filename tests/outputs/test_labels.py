@@ -373,8 +373,8 @@ def test_a_failed_export_leaves_no_half_dataset(tmp_path, monkeypatch, fmt):
     folder = write_rows(tmp_path / "out", hostile_rows(EXAMPLES))
     real = common.rows
 
-    def breaks(folder):
-        for k, row in enumerate(real(folder)):
+    def breaks(folder, parts=None):
+        for k, row in enumerate(real(folder, parts)):
             if k == 3:
                 raise OSError(28, "No space left on device")
             yield row
