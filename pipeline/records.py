@@ -4,6 +4,7 @@ output row, whose parquet schema is the contract every reader of an output folde
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,13 @@ def row(item: Item, **values) -> dict:
     out.update({k: printable(v) if isinstance(v, str) else v for k, v in values.items()})
     out.update(item.extra)
     return out
+
+
+def caption_score(row: dict) -> float | None:
+    """A caption's score: the mean probability of its generated tokens (geometric), None without any."""
+    if row.get("caption_logprob") is None or not row.get("token_ids"):
+        return None
+    return math.exp(row["caption_logprob"] / len(row["token_ids"]))
 
 
 def tokens(token_ids: list[int], logprobs: list[float]) -> dict:

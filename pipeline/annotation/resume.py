@@ -189,7 +189,7 @@ def prepare_folder(folder: Folder, mode: OutputMode, shard: int, num_shards: int
     with _one_at_a_time(folder):
         check_mode(folder, mode, shard)
         parts = layout.committed_parts(folder)
-        recorded = json.loads(folder.read_text(layout.SETTINGS)) if folder.exists(layout.SETTINGS) else None
+        recorded = layout.recorded_settings(folder)
         if mode == OutputMode.overwrite:
             for part in parts:
                 part_shard = layout.part_shard(part)

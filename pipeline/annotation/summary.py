@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,7 +15,7 @@ import numpy as np
 
 from pipeline.config import AppConfig, RunConfig, plain
 from pipeline.errors import RunAborted
-from pipeline.records import error_kind
+from pipeline.records import caption_score, error_kind
 from pipeline.storage import layout
 from pipeline.storage.files import Folder
 
@@ -98,8 +97,7 @@ class ScoreQuantiles:
             self._add("entity", entity["score"])
             for box in entity["boxes"]:
                 self._add("box", box["score"])
-        if row["token_logprobs"]:
-            self._add("caption", math.exp(row["caption_logprob"] / len(row["token_logprobs"])))
+        self._add("caption", caption_score(row))
 
     def _add(self, kind: str, value: float | None) -> None:
         if value is not None:

@@ -91,8 +91,7 @@ def write_gallery(cfg: GalleryConfig) -> dict:
     out = folder / layout.GALLERY
     (out / "pages").mkdir(parents=True, exist_ok=True)
     page, pages, rows_seen, phrase_pages = [], 0, 0, {}
-    settings = json.loads((folder / layout.SETTINGS).read_text()) if (folder / layout.SETTINGS).exists() else {}
-    classes = Classes(cfg.classes, exact=settings.get("task.kind") == "ground")
+    classes = Classes.of_output(cfg.classes, layout.recorded_settings(Folder(folder)))
     overview = Overview()
 
     def flush():

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
+from pipeline.records import caption_score, error_kind
+
 BINS = 10  # histogram bins over [0, 1]
 PLOTS = ("class", "box score", "entity score", "caption score", "box size", "error")
 TITLES = {
@@ -25,11 +27,6 @@ def _bin(value: float) -> str:
     return _bin_label(min(max(int(value * BINS), 0), BINS - 1))
 
 
-def error_kind(error: str) -> str:
-    """`not an image`, `too large`, ...: the words before the first colon of an error row."""
-    return error.split(":", 1)[0].strip()[:60] or "error"
-
-
 class Overview:
     def __init__(self):
         self.counts: dict[str, Counter[str]] = {plot: Counter() for plot in PLOTS}
@@ -39,7 +36,7 @@ class Overview:
         """Counts the row (its entities' classes given in order) and returns its facets."""
         found: list[tuple[str, str]] = []
         if row["error"]:
-            found.append(("error", error_kind(row["error"])))
+            found.append(("error", error_kind(row["error"]).strip()[:60] or "error"))  # a bar's label
         for entity, name in zip(row["entities"] or [], classes):
             if entity.get("score") is not None:
                 found.append(("entity score", _bin(entity["score"])))
@@ -49,8 +46,8 @@ class Overview:
                 if b.get("score") is not None:
                     found.append(("box score", _bin(b["score"])))
                 found.append(("box size", _bin(math.sqrt(abs((b["x2"] - b["x1"]) * (b["y2"] - b["y1"]))))))
-        if row.get("caption_logprob") is not None and row.get("token_ids"):
-            found.append(("caption score", _bin(math.exp(row["caption_logprob"] / len(row["token_ids"])))))
+        if (score := caption_score(row)) is not None:
+            found.append(("caption score", _bin(score)))
         for plot, label in found:
             self.counts[plot][label] += 1
         facets = sorted({f"{plot}={label}" for plot, label in found})

@@ -82,14 +82,15 @@ def _relative(file: str, root: str) -> str:
     return f.relative_to(r).as_posix() if f.is_relative_to(r) else f.name
 
 
-def _parquet(file: str) -> pq.ParquetFile:
+def open_parquet(file: str) -> pq.ParquetFile:
+    """A manifest file opened to be read page by page (READ_BUFFER), never a whole column chunk at once."""
     fs, path = filesystem(file)
     return pq.ParquetFile(path, filesystem=fs, buffer_size=READ_BUFFER, pre_buffer=False)
 
 
 def _schema(file: str) -> pa.Schema:
     try:
-        with _parquet(file) as pf:
+        with open_parquet(file) as pf:
             return pf.schema_arrow
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise InputError(f"cannot read manifest {str(file)!r}: {e}") from None
@@ -99,7 +100,7 @@ def manifest_rows(files: list[str]) -> int:
     """Rows in all the files, from their footers."""
     total = 0
     for file in files:
-        with _parquet(file) as pf:
+        with open_parquet(file) as pf:
             total += pf.metadata.num_rows
     return total
 
@@ -169,7 +170,7 @@ class ManifestSource:
         position = 0  # of the row in the whole manifest
         for file in files:
             name = printable(_relative(file, root))
-            with _parquet(file) as pf:
+            with open_parquet(file) as pf:
                 row = 0  # in this file
                 for group in range(pf.metadata.num_row_groups):
                     if position >= hi:
@@ -183,7 +184,7 @@ class ManifestSource:
                                 yield Item(id=item_id, source=f"{file}#{row + i}", mine=i in mine)
                             row, position = row + rows, position + rows
                             continue
-                    size = _batch_rows(pf.metadata.row_group(group), self.columns)
+                    size = batch_rows(pf.metadata.row_group(group), self.columns)
                     for batch in pf.iter_batches(batch_size=size, row_groups=[group], columns=self.columns):
                         data = batch.to_pydict()
                         for i in range(batch.num_rows):
@@ -269,7 +270,7 @@ class ManifestSource:
         return item
 
 
-def _batch_rows(group: pq.RowGroupMetaData, columns: list[str]) -> int:
+def batch_rows(group: pq.RowGroupMetaData, columns: list[str]) -> int:
     """Rows a batch of this row group may hold to stay near BATCH_BYTES, from the footer's sizes: a
     batch of 64 rows of 4 MB images would hold 256 MB twice over (Arrow's buffers and their copy)."""
     size = sum(

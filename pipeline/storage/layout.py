@@ -8,6 +8,7 @@ as one table.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -76,6 +77,11 @@ def default_output(input_path: str | list[str], task: str) -> str:
 def hydra_record(shard: int, num_shards: int) -> str:
     """The composed config of the run that made the folder and its overrides (one per shard)."""
     return ".hydra" if num_shards == 1 else f".hydra-{shard:05d}"
+
+
+def recorded_settings(folder: Folder) -> dict | None:
+    """The settings the folder's rows were made with (SETTINGS), None before the first run recorded them."""
+    return json.loads(folder.read_text(SETTINGS)) if folder.exists(SETTINGS) else None
 
 
 def committed_parts(folder: Folder, shard: int | None = None) -> list[str]:

@@ -313,14 +313,14 @@ def test_a_manifest_is_read_in_pieces_whatever_its_row_groups(tmp_path):
 def test_a_batch_of_large_images_is_cut_to_a_few_rows(tmp_path):
     """The rows a batch holds follow the row group's bytes a row: 64 of 4 MB images would be 256 MB
     held twice; rows of small images keep the full batch. The struct column counts all its parts."""
-    from pipeline.sources.manifest import BATCH_BYTES, BATCH_ROWS, _batch_rows
+    from pipeline.sources.manifest import BATCH_BYTES, BATCH_ROWS, batch_rows
 
     big = pa.array([{"bytes": b"x" * (4 << 20), "path": "a.jpg"}] * 8)
     pq.write_table(pa.table({"image": big, "note": ["n"] * 8}), tmp_path / "big.parquet", use_dictionary=False)
     pq.write_table(pa.table({"image": [b"x" * 1000] * 8}), tmp_path / "small.parquet")
     group = pq.ParquetFile(tmp_path / "big.parquet").metadata.row_group(0)
-    assert _batch_rows(group, ["image"]) in (BATCH_BYTES // (4 << 20) - 1, BATCH_BYTES // (4 << 20))  # + the paths
-    assert _batch_rows(group, ["note"]) == BATCH_ROWS
-    assert _batch_rows(pq.ParquetFile(tmp_path / "small.parquet").metadata.row_group(0), ["image"]) == BATCH_ROWS
+    assert batch_rows(group, ["image"]) in (BATCH_BYTES // (4 << 20) - 1, BATCH_BYTES // (4 << 20))  # + the paths
+    assert batch_rows(group, ["note"]) == BATCH_ROWS
+    assert batch_rows(pq.ParquetFile(tmp_path / "small.parquet").metadata.row_group(0), ["image"]) == BATCH_ROWS
     rows = list(iter_items(InputConfig(kind="parquet", path=str(tmp_path / "big.parquet"))))
     assert [len(r.data) for r in rows] == [4 << 20] * 8

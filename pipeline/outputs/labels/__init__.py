@@ -19,7 +19,6 @@ an error or without a size are left out. Each export prints the boxes each class
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from pipeline.outputs.labels.labelstudio import write_labelstudio
 from pipeline.outputs.labels.voc import write_voc
 from pipeline.outputs.labels.yolo import write_yolo
 from pipeline.storage.files import Folder
-from pipeline.storage.layout import SETTINGS, existing_output, hydra_record
+from pipeline.storage.layout import existing_output, hydra_record, recorded_settings
 
 log = logging.getLogger("kosmos-labels")
 FOLDERS = (LabelFormat.yolo, LabelFormat.hf, LabelFormat.voc)  # written whole as a folder
@@ -119,9 +118,9 @@ def export_labels(cfg: LabelsConfig) -> dict:
     cfg.validate()
     folder = existing_output(cfg.output.dir)
     _check_dest(cfg, folder)
-    settings = json.loads(folder.read_text(SETTINGS)) if folder.exists(SETTINGS) else {}
+    settings = recorded_settings(folder) or {}
     dest = Path(cfg.dest).expanduser()
-    labeller = Labeller(Classes(cfg.classes, exact=settings.get("task.kind") == "ground"), cfg.min_score)
+    labeller = Labeller(Classes.of_output(cfg.classes, settings), cfg.min_score)
     names = labeller.names(folder)
     images = SourceImages(_image_column(folder))
     try:

@@ -156,6 +156,11 @@ class Classes:
                 if core and self._synonyms.setdefault(core, key or name) != (key or name):
                     raise ConfigError(f"classes: {s!r} is a synonym of both {self._synonyms[core]!r} and {key!r}")
 
+    @classmethod
+    def of_output(cls, spec: list | Mapping | str | None, settings: dict | None) -> Classes:
+        """The classes of an output folder made with `settings`: with task=ground its phrases were given."""
+        return cls(spec, exact=(settings or {}).get("task.kind") == "ground")
+
     def of(self, phrase: str) -> tuple[str | None, str]:
         """(class, attribute) of a phrase; class None where no given class takes it."""
         if self.exact and not self.given:

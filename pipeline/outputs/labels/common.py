@@ -6,14 +6,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.outputs.labels.classes import Classes
 from pipeline.records import columns, id_hash
-from pipeline.storage.files import Folder
+from pipeline.storage.files import Folder, atomic_folder
 from pipeline.storage.layout import committed_parts
 
 COLUMNS = columns("id", "source", "width", "height", "caption", "entities", "error")
@@ -39,6 +41,15 @@ class Box:
 def normalise(phrase: str) -> str:
     """One spelling for `A dog`, `a dog ` and `a  dog`."""
     return " ".join(phrase.lower().split())
+
+
+@contextmanager
+def export_folder(dest: Path, fmt: str) -> Iterator[Path]:
+    """The folder of a folder format, built whole (storage.files.atomic_folder) and marked as one this
+    tool wrote (MARKER), which the next export may replace."""
+    with atomic_folder(dest) as out:
+        (out / MARKER).write_text(f"written by kosmos-labels format={fmt}; replaced whole by the next export\n")
+        yield out
 
 
 def rows(folder: Folder, parts: list[str] | None = None) -> Iterator[dict]:

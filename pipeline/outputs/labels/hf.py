@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.outputs.labels.coco import coco_bbox
-from pipeline.outputs.labels.common import MARKER, Labeller, split_of
+from pipeline.outputs.labels.common import Labeller, export_folder, split_of
 from pipeline.outputs.labels.images import SourceImages
-from pipeline.storage.files import Folder, atomic_folder
+from pipeline.storage.files import Folder
 
 WRITER_BATCH = 64  # rows datasets holds before writing them: images, so few
 
@@ -68,7 +68,7 @@ def write_hf(
                 },
             }
 
-    with atomic_folder(dest) as out, tempfile.TemporaryDirectory(dir=out, prefix=".cache-") as cache:
+    with export_folder(dest, "hf") as out, tempfile.TemporaryDirectory(dir=out, prefix=".cache-") as cache:
         # A fresh cache: from_generator would reuse an older export's rows under the same fingerprint.
         try:
             built = datasets.Dataset.from_generator(
@@ -98,5 +98,4 @@ def write_hf(
         for path in (out / "data").iterdir():
             path.rename(out / path.name)
         (out / "data").rmdir()
-        (out / MARKER).write_text("written by kosmos-labels format=hf; replaced whole by the next export\n")
     return counts

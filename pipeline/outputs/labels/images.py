@@ -20,10 +20,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.errors import InputError
+from pipeline.sources.manifest import batch_rows, open_parquet
 from pipeline.sources.webdataset import IMAGE_MEMBERS, member_key, tar_members
 from pipeline.storage.files import filesystem, is_remote, read_bytes
 
@@ -151,14 +151,18 @@ class _Forward:
         raise InputError(f"image {key!r} is no longer in {self.file!r}: was the input changed after the run?")
 
     def _manifest(self) -> Iterator[tuple[str, bytes]]:
-        fs, path = filesystem(self.file)
-        with pq.ParquetFile(path, filesystem=fs) as pf:
+        """Each row's image bytes, read as a run reads them (sources.manifest: page by page, in batches
+        of at most BATCH_BYTES)."""
+        columns = [self.image_column]
+        with open_parquet(self.file) as pf:
             row = 0
-            for batch in pf.iter_batches(batch_size=16, columns=[self.image_column]):
-                for value in batch.column(0).to_pylist():
-                    data = value.get("bytes") if isinstance(value, dict) else value
-                    yield str(row), data or b""
-                    row += 1
+            for group in range(pf.metadata.num_row_groups):
+                size = batch_rows(pf.metadata.row_group(group), columns)
+                for batch in pf.iter_batches(batch_size=size, row_groups=[group], columns=columns):
+                    for value in batch.column(0).to_pylist():
+                        data = value.get("bytes") if isinstance(value, dict) else value
+                        yield str(row), data or b""
+                        row += 1
 
     def _tar(self) -> Iterator[tuple[str, bytes]]:
         """Each sample's image: of several image members, the one a run takes (IMAGE_MEMBERS' order)."""

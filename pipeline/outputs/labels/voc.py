@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from xml.etree import ElementTree as ET
 
-from pipeline.outputs.labels.common import MARKER, Labeller
+from pipeline.outputs.labels.common import Labeller, export_folder
 from pipeline.outputs.labels.yolo import image_stem
-from pipeline.storage.files import Folder, atomic_folder, safe_relative
+from pipeline.storage.files import Folder, safe_relative
 
 
 def write_voc(folder: Folder, dest: Path, names: list[str], labeller: Labeller) -> dict:
@@ -16,8 +16,7 @@ def write_voc(folder: Folder, dest: Path, names: list[str], labeller: Labeller) 
     Corners are VOC's 1-based pixels; each object keeps its score and phrase, and `filename` is the
     image's id. Written whole: a killed export leaves no folder."""
     counts = {"images": 0, "objects": 0}
-    with atomic_folder(dest) as out:
-        (out / MARKER).write_text("written by kosmos-labels format=voc; replaced whole by the next export\n")
+    with export_folder(dest, "voc") as out:
         (out / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "".join(f"{n}:::\n" for n in names))
         sets = out / "ImageSets" / "Main"
         sets.mkdir(parents=True)

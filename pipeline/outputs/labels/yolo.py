@@ -10,9 +10,9 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from pipeline.outputs.labels.common import MARKER, Labeller, needed_score, split_of
+from pipeline.outputs.labels.common import Labeller, export_folder, needed_score, split_of
 from pipeline.outputs.labels.images import SourceImages
-from pipeline.storage.files import Folder, atomic_folder, safe_relative
+from pipeline.storage.files import Folder, safe_relative
 
 log = logging.getLogger("kosmos-labels")
 
@@ -37,13 +37,12 @@ def write_yolo(
     replacing the last `/images/` of an image's path); ids that would share one (`a.jpg`, `a.png`)
     keep their extension in the name (`a.png.png`), then
     a counter: every image gets its own pair. The folder is written whole and replaces an older export
-    under `dest` (one holding MARKER: the labels command refuses any other non-empty folder); a
+    under `dest` (one holding common.MARKER: the labels command refuses any other non-empty folder); a
     killed export leaves none."""
     ids = {name: i for i, name in enumerate(names)}
     counts = {"images": 0, "boxes": 0}
     per_split: dict[str, int] = {}
-    with atomic_folder(dest) as out:
-        (out / MARKER).write_text("written by kosmos-labels format=yolo; replaced whole by the next export\n")
+    with export_folder(dest, "yolo") as out:
         with open(out / "ids.tsv", "w", newline="") as f:
             mapping = csv.writer(f, delimiter="\t", lineterminator="\n")
             quoted = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_ALL)  # csv leaves \r bare
@@ -64,8 +63,8 @@ def write_yolo(
                 ext, data = images.for_training(row["source"])
                 label = PurePosixPath("labels", part, stem + ".txt").as_posix()
                 image = PurePosixPath("images", part, f"{stem}.{ext}").as_posix()
-                for name in (label, image):
-                    (out / name).parent.mkdir(parents=True, exist_ok=True)
+                for path in (label, image):
+                    (out / path).parent.mkdir(parents=True, exist_ok=True)
                 (out / label).write_text("".join(lines))
                 if data is None:
                     images.place(row["source"], out / image, link)
