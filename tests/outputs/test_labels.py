@@ -626,3 +626,24 @@ def test_a_folder_format_refuses_a_file_dest(tmp_path):
     with pytest.raises(ConfigError, match="is a file"):
         labels(folder, "yolo", tmp_path / "coco.json")
     assert (tmp_path / "coco.json").read_text() == "{}"
+
+
+def test_a_tar_member_over_the_runs_limit_is_passed_unread(tmp_path):
+    """The run refused it unread (input.max_image_bytes); reading forward to a later sample must not read it either."""
+    import io
+    import tarfile
+
+    from pipeline.errors import InputError
+    from pipeline.outputs.labels.images import SourceImages
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, size in (("big.png", 5000), ("small.png", 10)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"x" * size))
+    images = SourceImages(max_bytes=1000)
+    assert images.data(f"{tmp_path}/s.tar#small") == b"x" * 10
+    assert "big" not in images._readers[f"{tmp_path}/s.tar"].kept
+    with pytest.raises(InputError, match="no longer in"):
+        images.data(f"{tmp_path}/s.tar#big")
+    images.close()

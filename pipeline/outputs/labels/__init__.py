@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.cli import command
-from pipeline.config import ImageCopy, LabelFormat, LabelsConfig
+from pipeline.config import ImageCopy, InputConfig, LabelFormat, LabelsConfig
 from pipeline.errors import ConfigError
 from pipeline.outputs.labels.classes import Classes
 from pipeline.outputs.labels.coco import write_coco, write_coco_results
@@ -76,13 +76,17 @@ def _check_dest(cfg: LabelsConfig, folder: Folder) -> None:
         )
 
 
-def _image_column(folder: Folder) -> str:
-    """The manifest's image column, from the run's Hydra record (a run from the Python API has none: "image")."""
+def _source_images(folder: Folder) -> SourceImages:
+    """The images behind the rows, read with the run's manifest image column and size limit, from its
+    Hydra record (a run from the Python API has none: the defaults)."""
     for record in (hydra_record(0, 1), hydra_record(0, 2)):
         if folder.exists(f"{record}/config.yaml"):
-            composed = yaml.safe_load(folder.read_text(f"{record}/config.yaml")) or {}
-            return (composed.get("input") or {}).get("image_column") or "image"
-    return "image"
+            composed = (yaml.safe_load(folder.read_text(f"{record}/config.yaml")) or {}).get("input") or {}
+            return SourceImages(
+                composed.get("image_column") or "image",
+                composed.get("max_image_bytes") or InputConfig().max_image_bytes,
+            )
+    return SourceImages()
 
 
 def _write(
@@ -122,7 +126,7 @@ def export_labels(cfg: LabelsConfig) -> dict:
     dest = Path(cfg.dest).expanduser()
     labeller = Labeller(Classes.of_output(cfg.classes, settings), cfg.min_score)
     names = labeller.names(folder)
-    images = SourceImages(_image_column(folder))
+    images = _source_images(folder)
     try:
         counts = _write(cfg, folder, dest, names, labeller, settings, images)
     finally:

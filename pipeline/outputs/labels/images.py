@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.sources.manifest import batch_rows, open_parquet
 from pipeline.sources.webdataset import IMAGE_MEMBERS, member_key, tar_members
@@ -38,8 +39,8 @@ EXTENSIONS = {"jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"}
 class SourceImages:
     """Image files and bytes of output rows by their `source` (see the module's docstring)."""
 
-    def __init__(self, image_column: str = "image"):
-        self.image_column = image_column
+    def __init__(self, image_column: str = "image", max_bytes: int = InputConfig().max_image_bytes):
+        self.image_column, self.max_bytes = image_column, max_bytes  # the run's input.image_column, max_image_bytes
         self._readers: OrderedDict[str, _Forward] = OrderedDict()
 
     def is_file(self, source: str) -> bool:
@@ -55,7 +56,7 @@ class SourceImages:
             except FileNotFoundError:
                 raise _missing(source) from None
         file, key = ARCHIVE.match(source).groups()
-        reader = self._readers.pop(file, None) or _Forward(file, self.image_column)
+        reader = self._readers.pop(file, None) or _Forward(file, self.image_column, self.max_bytes)
         self._readers[file] = reader  # the most recent last
         while len(self._readers) > OPEN:
             self._readers.popitem(last=False)[1].close()
@@ -73,17 +74,21 @@ class SourceImages:
         ext = extension(source, data)
         if ext in EXTENSIONS:
             return ext, data
-        with Image.open(io.BytesIO(data if data is not None else self.data(source))) as im:
+        with Image.open(io.BytesIO(data) if data is not None else self._local(source)) as im:
             out = io.BytesIO()
             im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB").save(out, "PNG")
         return "png", out.getvalue()
 
+    def _local(self, source: str) -> Path:
+        path = Path(source.removeprefix("file://")).expanduser().resolve()
+        if not path.is_file():
+            raise _missing(source)
+        return path
+
     def place(self, source: str, target: Path, link: bool) -> None:
         """The image at `target`: a hard link (else a symbolic one) to a local file where `link`, else a copy."""
         if self.is_file(source) and not is_remote(source):
-            path = Path(source.removeprefix("file://")).expanduser().resolve()
-            if not path.is_file():
-                raise _missing(source)
+            path = self._local(source)
             if link:
                 try:
                     os.link(path, target)
@@ -123,8 +128,8 @@ def extension(source: str, data: bytes | None = None) -> str:
 class _Forward:
     """One manifest or tar, read forward; the last KEEP images passed are kept."""
 
-    def __init__(self, file: str, image_column: str):
-        self.file, self.image_column = file, image_column
+    def __init__(self, file: str, image_column: str, max_bytes: int):
+        self.file, self.image_column, self.max_bytes = file, image_column, max_bytes
         self.tar = not file.split("?")[0].lower().endswith(".parquet")
         self.kept: OrderedDict[str, bytes] = OrderedDict()
         self.items: Iterator[tuple[str, bytes]] | None = None
@@ -177,7 +182,7 @@ class _Forward:
                     yield key, next(images[e] for e in IMAGE_MEMBERS if e in images)
                     images = {}
                 key = found
-                if ext in IMAGE_MEMBERS:
+                if ext in IMAGE_MEMBERS and member.size <= self.max_bytes:  # else the run refused it unread too
                     images[ext] = tar.extractfile(member).read()
             if images:
                 yield key, next(images[e] for e in IMAGE_MEMBERS if e in images)
